@@ -1,0 +1,208 @@
+"""Install/uninstall of the rampde methods in torchdiffeq.
+
+What is patched, and why it is the minimum:
+
+* ``torchdiffeq._impl.odeint.SOLVERS`` (the dict ``odeint`` and ``odeint_adjoint`` both read) gets one
+  entry ``rampde_<name>`` per registered tableau -- that is how torchdiffeq finds any method.
+* the module global ``_check_inputs`` of ``torchdiffeq._impl.odeint`` and ``torchdiffeq._impl.adjoint``
+  is wrapped: for rampde method names only, it first validates the call with clear ``ValueError``\\ s
+  (torchdiffeq's own checks are ``assert``\\ s) and refuses ``odeint_adjoint``, whose continuous
+  adjoint is a different algorithm than the discrete adjoint the user asked for.  Every other method
+  goes straight to torchdiffeq's function.
+
+``uninstall`` removes exactly those entries and restores the wrapped functions (only if nobody
+replaced them since).  Capabilities are checked, not version strings.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import sys
+
+import torch
+
+from rampde_plugins import HostAdapter, UnsupportedHostError, resolve_policy
+
+from ._solver import RampdeFixedGridSolver, make_solver_class, parse_options
+
+PREFIX = "rampde_"
+
+_ADJOINT_MESSAGE = (
+    "odeint_adjoint(method={method!r}) would integrate torchdiffeq's continuous adjoint ODE, not "
+    "differentiate the steps {method!r} takes. rampde methods already return the exact discrete-adjoint "
+    "gradient with one stored state per step: call torchdiffeq.odeint(func, y0, t, method={method!r}, "
+    "options=...) instead (add options['adjoint_params'] for parameters outside an nn.Module)."
+)
+_ADJOINT_METHOD_MESSAGE = (
+    "adjoint_method={method!r}: rampde methods are not integrators for torchdiffeq's continuous adjoint; "
+    "use torchdiffeq.odeint(..., method={method!r}), whose backward is rampde's discrete adjoint, or a "
+    "torchdiffeq method as adjoint_method."
+)
+
+
+def _first_bad_index(mask: torch.Tensor) -> int:
+    return int(torch.nonzero(mask.reshape(-1))[0])
+
+
+def validate_call(method: str, y0, t, options) -> None:
+    """Clear errors for bad input of a rampde method, before torchdiffeq touches anything."""
+    parts = y0 if isinstance(y0, tuple) else (y0,)
+    for i, y in enumerate(parts):
+        name = "y0" if not isinstance(y0, tuple) else f"y0[{i}]"
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"odeint(method={method!r}): {name} must be a torch.Tensor or a tuple of them, got {type(y).__name__}")
+        if not torch.is_floating_point(y):
+            raise TypeError(f"odeint(method={method!r}): {name} must be floating point, got {y.dtype}")
+        finite = torch.isfinite(y)
+        if not bool(finite.all()):
+            raise ValueError(
+                f"odeint(method={method!r}): {name} contains NaN or inf (first at flat index {_first_bad_index(~finite)})"
+            )
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"odeint(method={method!r}): t must be a 1-D torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"odeint(method={method!r}): t has dtype {t.dtype}; use float32 or float64 (half-precision time "
+            "cannot resolve small steps: 1000.3 rounds to 1000.0 in fp16). The state may still be low precision."
+        )
+    if t.ndim != 1 or t.shape[0] < 1:
+        raise ValueError(f"odeint(method={method!r}): t must be a non-empty 1-D tensor, got shape {tuple(t.shape)}")
+    tc = t.detach().cpu()
+    if not bool(torch.isfinite(tc).all()):
+        raise ValueError(f"odeint(method={method!r}): t contains NaN or inf (first at index {_first_bad_index(~torch.isfinite(tc))})")
+    if tc.shape[0] > 1:
+        d = tc[1:] - tc[:-1]
+        inc = d > 0
+        if not (bool(inc.all()) or bool((d < 0).all())):
+            bad = _first_bad_index(~inc if bool(inc[0]) else ~(d < 0))
+            raise ValueError(
+                f"odeint(method={method!r}): t must be strictly increasing or strictly decreasing; "
+                f"t[{bad}]={tc[bad].item()!r}, t[{bad + 1}]={tc[bad + 1].item()!r}"
+            )
+    opts = parse_options(method, options)
+    resolve_policy(opts["precision"], device_type=parts[0].device.type, state_dtype=parts[0].dtype)
+
+
+def _code_of(module_name: str, qualname: str):
+    obj = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return getattr(obj, "__code__", None)
+
+
+class TorchdiffeqAdapter(HostAdapter):
+    """Puts every registered tableau into torchdiffeq as ``rampde_<name>``."""
+
+    name = "torchdiffeq"
+    host_module = "torchdiffeq"
+    host_distribution = "torchdiffeq"
+    supported = ">=0.2.3,<0.3"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._solvers: dict | None = None
+        self._added: dict[str, type] = {}
+        self._patches: list[tuple[object, str, object, object]] = []
+        self._adjoint_backward_code = None
+
+    # -- capability checks ---------------------------------------------------------------------
+    def _host_modules(self):
+        try:
+            odeint_mod = importlib.import_module("torchdiffeq._impl.odeint")
+        except ImportError as exc:
+            raise UnsupportedHostError(f"torchdiffeq has no module torchdiffeq._impl.odeint ({exc}); supported: {self.supported}") from None
+        solvers = getattr(odeint_mod, "SOLVERS", None)
+        if not isinstance(solvers, dict):
+            raise UnsupportedHostError(
+                f"torchdiffeq {self.host_version()} has no SOLVERS dict in torchdiffeq._impl.odeint; supported: {self.supported}"
+            )
+        check = getattr(odeint_mod, "_check_inputs", None)
+        if not callable(check) or not {"y0", "t", "method", "options"} <= set(inspect.signature(check).parameters):
+            raise UnsupportedHostError(
+                f"torchdiffeq {self.host_version()}: _check_inputs(func, y0, t, ..., method, options, ...) not found; "
+                f"supported: {self.supported}"
+            )
+        if not all(hasattr(cls, "integrate") for cls in solvers.values()):
+            raise UnsupportedHostError(f"torchdiffeq {self.host_version()}: solver classes have no integrate(t)")
+        try:
+            adjoint_mod = importlib.import_module("torchdiffeq._impl.adjoint")
+        except ImportError:
+            adjoint_mod = None
+        return odeint_mod, solvers, adjoint_mod
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def owns(self, method: str) -> bool:
+        return method in self._added
+
+    def methods(self) -> list[str]:
+        return sorted(self._added)
+
+    def install(self, registry) -> None:
+        if self.installed:
+            return
+        odeint_mod, solvers, adjoint_mod = self._host_modules()
+        wanted = {PREFIX + name: tab for name, tab in registry.tableaus.items()}
+        clash = [k for k in wanted if k in solvers and not getattr(solvers[k], "_rampde", False)]
+        if clash:
+            raise UnsupportedHostError(f"torchdiffeq already defines method(s) {clash}; rampde will not replace them")
+        self._solvers = solvers
+        for key, tab in wanted.items():
+            cls = make_solver_class(tab)
+            solvers[key] = cls
+            self._added[key] = cls
+        self._patch(odeint_mod, "_check_inputs", in_adjoint=False)
+        if adjoint_mod is not None and callable(getattr(adjoint_mod, "_check_inputs", None)):
+            self._patch(adjoint_mod, "_check_inputs", in_adjoint=True)
+        self._adjoint_backward_code = _code_of("torchdiffeq._impl.adjoint", "OdeintAdjointMethod.backward")
+        self.installed = True
+
+    def uninstall(self) -> None:
+        if not self.installed:
+            return
+        for key, cls in self._added.items():
+            if self._solvers.get(key) is cls:
+                del self._solvers[key]
+        self._added.clear()
+        for module, attr, original, replacement in reversed(self._patches):
+            if getattr(module, attr, None) is replacement:
+                setattr(module, attr, original)
+        self._patches.clear()
+        self.installed = False
+
+    def _patch(self, module, attr: str, in_adjoint: bool) -> None:
+        original = getattr(module, attr)
+        signature = inspect.signature(original)
+        adapter = self
+
+        @functools.wraps(original)
+        def _check_inputs(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            method = bound.get("method")
+            if isinstance(method, str) and adapter.owns(method):
+                if in_adjoint:
+                    raise ValueError(_ADJOINT_MESSAGE.format(method=method))
+                if adapter._inside_adjoint_backward():
+                    raise ValueError(_ADJOINT_METHOD_MESSAGE.format(method=method))
+                validate_call(method, bound.get("y0"), bound.get("t"), bound.get("options"))
+            return original(*args, **kwargs)
+
+        setattr(module, attr, _check_inputs)
+        self._patches.append((module, attr, original, _check_inputs))
+
+    def _inside_adjoint_backward(self) -> bool:
+        code = self._adjoint_backward_code
+        if code is None:
+            return False
+        frame = sys._getframe(2)
+        for _ in range(12):
+            if frame is None:
+                return False
+            if frame.f_code is code:
+                return True
+            frame = frame.f_back
+        return False
+
+
+__all__ = ["TorchdiffeqAdapter", "RampdeFixedGridSolver", "validate_call"]

@@ -1,0 +1,182 @@
+"""The torchdiffeq solver class that runs a registered tableau on the rampde engine."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from rampde_plugins import INTERPOLATIONS, AdjointScaler, PrecisionPolicy, get_registry, resolve_policy, solve_grid
+
+#: Options a rampde method accepts in ``odeint(..., options=...)``.
+OPTIONS = {
+    "step_size": "fixed step; the grid is t[0] + k*step_size with the last point moved to t[-1]",
+    "grid_constructor": "callable (func, y0, t) -> grid, exclusive with step_size",
+    "interp": "'linear' (default) or 'cubic' output between grid points",
+    "perturb": "evaluate just inside each step's ends (for fields that jump at grid points)",
+    "precision": "precision policy name or PrecisionPolicy (default: from torch.autocast / y0's dtype)",
+    "scaler": "rampde_plugins.AdjointScaler carrying the fp16 adjoint scale across iterations",
+    "adjoint_params": "tensors to differentiate when func is not an nn.Module owning them",
+}
+# torchdiffeq hands these to every solver; a fixed grid has no use for them.
+_HOST_ARGS = ("rtol", "atol", "norm")
+
+
+def parse_options(method: str, options) -> dict:
+    """Validate ``options`` of ``method``; returns a clean dict.  Raises ValueError/TypeError."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTIONS) - set(_HOST_ARGS))
+    if unknown:
+        raise ValueError(
+            f"odeint(method={method!r}): unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"valid options: {', '.join(OPTIONS)}"
+        )
+    out = {k: options.get(k) for k in OPTIONS}
+    step = out["step_size"]
+    if step is not None:
+        value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"odeint(method={method!r}): options['step_size']={step!r} must be a positive finite number")
+        if out["grid_constructor"] is not None:
+            raise ValueError(f"odeint(method={method!r}): options 'step_size' and 'grid_constructor' are mutually exclusive")
+    if out["grid_constructor"] is not None and not callable(out["grid_constructor"]):
+        raise TypeError(f"odeint(method={method!r}): options['grid_constructor'] must be callable (func, y0, t) -> grid")
+    interp = "linear" if out["interp"] is None else out["interp"]
+    if interp not in INTERPOLATIONS:
+        raise ValueError(f"odeint(method={method!r}): options['interp']={interp!r}; choose one of {', '.join(INTERPOLATIONS)}")
+    out["interp"] = interp
+    out["perturb"] = bool(out["perturb"])
+    if out["scaler"] is not None and not isinstance(out["scaler"], AdjointScaler):
+        raise TypeError(
+            f"odeint(method={method!r}): options['scaler'] must be a rampde_plugins.AdjointScaler, got {type(out['scaler']).__name__}"
+        )
+    prec = out["precision"]
+    if prec is not None and not isinstance(prec, (str, PrecisionPolicy)):
+        raise TypeError(
+            f"odeint(method={method!r}): options['precision'] must be a policy name or PrecisionPolicy, got {type(prec).__name__}; "
+            f"registered policies: {', '.join(sorted(get_registry().policies))}"
+        )
+    ap = out["adjoint_params"]
+    if ap is not None:
+        try:
+            ap = tuple(ap)
+        except TypeError:
+            raise TypeError(f"odeint(method={method!r}): options['adjoint_params'] must be an iterable of tensors") from None
+        if not all(isinstance(p, torch.Tensor) for p in ap):
+            raise TypeError(f"odeint(method={method!r}): options['adjoint_params'] must contain only tensors")
+        out["adjoint_params"] = ap
+    return out
+
+
+def _grid_from_step_size(t: torch.Tensor, step_size) -> torch.Tensor:
+    """torchdiffeq's grid: t0 + k*h, last point replaced by t[-1]."""
+    start, end = t[0], t[-1]
+    niters = int(torch.ceil((end - start) / step_size + 1).item())
+    grid = torch.arange(0, niters, dtype=t.dtype, device=t.device) * step_size + start
+    return torch.cat([grid[:-1], end.reshape(1)])
+
+
+class RampdeFixedGridSolver:
+    """Base of the classes put into torchdiffeq's ``SOLVERS`` (one subclass per tableau)."""
+
+    tableau_name: str = ""
+    _rampde = True  # marks classes this adapter owns (uninstall removes only these)
+
+    def __init__(self, func, y0, rtol=None, atol=None, norm=None, **options):
+        self.method = f"rampde_{self.tableau_name}"
+        self.options = parse_options(self.method, options)
+        self.tableau = get_registry().tableau(self.tableau_name)
+        self.func = func
+        self.y0 = y0
+        self.dtype = y0.dtype
+        self.device = y0.device
+
+    @classmethod
+    def valid_callbacks(cls):
+        return {"callback_step"}
+
+    def _grid(self, t: torch.Tensor) -> torch.Tensor:
+        opts = self.options
+        if opts["step_size"] is not None:
+            grid = _grid_from_step_size(t, opts["step_size"])
+        elif opts["grid_constructor"] is not None:
+            grid = opts["grid_constructor"](self.func, self.y0, t)
+        else:
+            return t
+        if not isinstance(grid, torch.Tensor) or grid.ndim != 1 or grid.shape[0] < 2:
+            raise ValueError(f"{self.method}: the time grid must be a 1-D tensor with at least 2 points")
+        grid = grid.to(t.dtype)
+        g = grid.detach().cpu()
+        if g[0] != t[0].item() or g[-1] != t[-1].item():
+            raise ValueError(
+                f"{self.method}: the time grid must start at t[0]={t[0].item()!r} and end at t[-1]={t[-1].item()!r}; "
+                f"got [{g[0].item()!r}, {g[-1].item()!r}]"
+            )
+        # torchdiffeq's step_size grid can put its second-to-last point on or past t[-1] (rounding
+        # in arange * h); that last step would be empty or negative, so merge it into its neighbour.
+        keep = g.shape[0]
+        while keep > 2 and g[keep - 2] >= g[-1]:
+            keep -= 1
+        if keep != g.shape[0]:
+            grid = torch.cat([grid[: keep - 1], grid[-1:]])
+        return grid
+
+    def integrate(self, t: torch.Tensor) -> torch.Tensor:
+        opts = self.options
+        policy = resolve_policy(opts["precision"], device_type=self.y0.device.type, state_dtype=self.y0.dtype)
+        if t.shape[0] == 1:
+            return self.y0.to(policy.output).unsqueeze(0)
+        # torchdiffeq wraps the user's function in _PerturbFunc, which casts t to the state's dtype;
+        # call the function beneath it so f always sees full-precision time.
+        inner = getattr(self.func, "base_func", self.func)
+        params = opts["adjoint_params"]
+        if params is None:
+            params = tuple(p for p in self.func.parameters()) if isinstance(self.func, torch.nn.Module) else ()
+        callback = getattr(self.func, "callback_step", None)
+        if callback is not None and _is_null_callback(callback):
+            callback = None
+        return solve_grid(
+            inner,
+            self.y0,
+            self._grid(t),
+            t,
+            tableau=self.tableau,
+            policy=policy,
+            params=params,
+            interp=opts["interp"],
+            perturb=opts["perturb"],
+            scaler=opts["scaler"],
+            callback_step=callback,
+            callback_step_adjoint=getattr(self.func, "callback_step_adjoint", None),
+            method=self.method,
+        )
+
+    def integrate_until_event(self, t0, event_fn):
+        raise NotImplementedError(
+            f"{self.method} does not support event_fn yet (it arrives with the adaptive-steps work); "
+            "use torchdiffeq's own fixed-grid method (e.g. method='rk4' with options={'step_size': h}) "
+            "for event handling"
+        )
+
+
+def _is_null_callback(cb) -> bool:
+    try:
+        from torchdiffeq._impl.misc import _null_callback
+    except ImportError:  # pragma: no cover - callbacks API absent (< 0.2.4)
+        return False
+    return cb is _null_callback
+
+
+def make_solver_class(tableau) -> type:
+    """A torchdiffeq solver class for one registered tableau."""
+    return type(
+        f"Rampde_{tableau.name}",
+        (RampdeFixedGridSolver,),
+        {
+            "tableau_name": tableau.name,
+            "order": tableau.order,
+            "__doc__": f"rampde engine running {tableau.description or tableau.name} (order {tableau.order}).",
+            "__module__": __name__,
+        },
+    )

@@ -1,0 +1,71 @@
+"""rampde-plugins: mixed-precision neural-ODE solvers with an exact discrete adjoint.
+
+Importing this package loads the plugins of the ``rampde_plugins`` entry-point group and installs
+the host adapters whose libraries are present, so that e.g.::
+
+    import rampde_plugins  # noqa: F401  (activates the adapters)
+    from torchdiffeq import odeint
+    y = odeint(func, y0, t, method="rampde_rk4", options={"precision": "bf16"})
+
+runs on the rampde engine.  Set ``RAMPDE_PLUGINS_DISABLE_AUTOLOAD=1`` to load no entry points and
+install nothing on import; :func:`install`/:func:`uninstall` do it by hand.
+"""
+
+from ._adapter import HostAdapter, UnsupportedHostError
+from ._engine import INTERPOLATIONS, solve_grid
+from ._hookspecs import hookimpl, hookspec
+from ._manager import (
+    DISABLE_AUTOLOAD_ENV,
+    ENTRY_POINT_GROUP,
+    RampdeAdapterWarning,
+    Registry,
+    get_plugin_manager,
+    get_registry,
+    install,
+    make_plugin_manager,
+    register_plugin,
+    resolve_policy,
+    uninstall,
+    unregister_plugin,
+)
+from ._policy import SCALING_MODES, PrecisionPolicy, ScalerConfig
+from ._scaler import AdjointScaler
+from ._stats import SolveStats, StatsCollector, collect_stats
+from ._tableau import ButcherTableau
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdjointScaler",
+    "ButcherTableau",
+    "DISABLE_AUTOLOAD_ENV",
+    "ENTRY_POINT_GROUP",
+    "HostAdapter",
+    "INTERPOLATIONS",
+    "PrecisionPolicy",
+    "RampdeAdapterWarning",
+    "Registry",
+    "SCALING_MODES",
+    "ScalerConfig",
+    "SolveStats",
+    "StatsCollector",
+    "UnsupportedHostError",
+    "collect_stats",
+    "get_plugin_manager",
+    "get_registry",
+    "hookimpl",
+    "hookspec",
+    "install",
+    "make_plugin_manager",
+    "register_plugin",
+    "resolve_policy",
+    "solve_grid",
+    "uninstall",
+    "unregister_plugin",
+]
+
+# Last, once every public name exists: entry-point plugins import this package themselves.
+from ._manager import _autoinstall  # noqa: E402
+
+_autoinstall()
+del _autoinstall

@@ -1,0 +1,65 @@
+"""Base class of host-library adapters (the OpenTelemetry-instrumentor pattern).
+
+An adapter patches one host library minimally and reversibly: ``install`` is idempotent and records
+exactly what it changed; ``uninstall`` restores that and nothing else.  It checks capabilities of the
+installed host (attributes, signatures) rather than version strings, and raises
+:class:`UnsupportedHostError` with the reason when a capability is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+
+__all__ = ["HostAdapter", "UnsupportedHostError"]
+
+
+class UnsupportedHostError(RuntimeError):
+    """The installed host library lacks a capability the adapter needs."""
+
+
+class HostAdapter:
+    """One host library's adapter.  Subclasses set the class attributes and implement the hooks.
+
+    Attributes:
+        name: adapter name (``"torchdiffeq"``).
+        host_module: the module to import (``"torchdiffeq"``).
+        host_distribution: the distribution whose version is reported.
+        supported: the version range the adapter is written and tested against (informational; the
+            checks themselves are capability checks).
+    """
+
+    name: str = ""
+    host_module: str = ""
+    host_distribution: str = ""
+    supported: str = ""
+
+    def __init__(self) -> None:
+        self.installed = False
+
+    def host_available(self) -> bool:
+        return importlib.util.find_spec(self.host_module) is not None
+
+    def host_version(self) -> str | None:
+        try:
+            return importlib.metadata.version(self.host_distribution or self.host_module)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def install(self, registry) -> None:  # pragma: no cover - interface
+        """Expose every tableau of ``registry`` in the host library (idempotent)."""
+        raise NotImplementedError
+
+    def uninstall(self) -> None:  # pragma: no cover - interface
+        """Undo everything ``install`` did (idempotent)."""
+        raise NotImplementedError
+
+    def refresh(self, registry) -> None:
+        """Re-sync the exposed methods after plugins were registered or unregistered."""
+        if self.installed:
+            self.uninstall()
+            self.install(registry)
+
+    def methods(self) -> list[str]:
+        """Names this adapter has put into its host library."""
+        return []

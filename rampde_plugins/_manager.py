@@ -1,0 +1,299 @@
+"""The plugin manager, the registry it fills, and the adapters' lifecycle.
+
+One cached factory (pytest/tox style): add hookspecs -> honour the disable variable -> load the
+entry points -> register the built-ins -> ``check_pending()``.  The registry is derived from the
+plugins and rebuilt whenever a plugin is registered or unregistered at run time; installed adapters
+are then re-synced so a new tableau appears in every host library at once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from types import MappingProxyType
+
+import pluggy
+import torch
+
+from . import _builtin, _hookspecs
+from ._adapter import HostAdapter, UnsupportedHostError
+from ._policy import PrecisionPolicy
+from ._tableau import ButcherTableau
+
+ENTRY_POINT_GROUP = "rampde_plugins"
+DISABLE_AUTOLOAD_ENV = "RAMPDE_PLUGINS_DISABLE_AUTOLOAD"
+BUILTIN_PLUGIN_NAME = "rampde_plugins.builtin"
+
+
+class RampdeAdapterWarning(UserWarning):
+    """An adapter could not be installed automatically (the message says why)."""
+
+
+class Registry:
+    """Policies, tableaus and adapters registered by the plugins, each with the plugin that did it."""
+
+    def __init__(self) -> None:
+        self._policies: dict[str, tuple[PrecisionPolicy, str]] = {}
+        self._tableaus: dict[str, tuple[ButcherTableau, str]] = {}
+        self._adapters: dict[str, tuple[HostAdapter, str]] = {}
+
+    # read-only views
+    @property
+    def policies(self) -> MappingProxyType:
+        return MappingProxyType({k: v for k, (v, _) in self._policies.items()})
+
+    @property
+    def tableaus(self) -> MappingProxyType:
+        return MappingProxyType({k: v for k, (v, _) in self._tableaus.items()})
+
+    @property
+    def adapters(self) -> MappingProxyType:
+        return MappingProxyType({k: v for k, (v, _) in self._adapters.items()})
+
+    def provider(self, kind: str, name: str) -> str:
+        """The plugin that registered ``name`` (kind: ``"policy"``, ``"tableau"`` or ``"adapter"``)."""
+        table = {"policy": self._policies, "tableau": self._tableaus, "adapter": self._adapters}[kind]
+        return table[name][1]
+
+    def policy(self, name: str) -> PrecisionPolicy:
+        """The policy called ``name``; ``ValueError`` listing the registered ones otherwise."""
+        try:
+            return self._policies[name][0]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"unknown precision policy {name!r}; registered policies: {', '.join(sorted(self._policies))}"
+            ) from None
+
+    def tableau(self, name: str) -> ButcherTableau:
+        try:
+            return self._tableaus[name][0]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"unknown method {name!r}; registered methods: {', '.join(sorted(self._tableaus))}"
+            ) from None
+
+    def _add(self, table, what, key, value, plugin):
+        if key in table:
+            raise ValueError(
+                f"{what} {key!r} is registered twice: by plugin {table[key][1]!r} and by plugin {plugin!r}"
+            )
+        table[key] = (value, plugin)
+
+
+class _Registrar:
+    """What a registration hook receives: adds entries on behalf of one named plugin."""
+
+    def __init__(self, registry: Registry, plugin: str) -> None:
+        self._registry, self.plugin = registry, plugin
+
+    def add_policy(self, policy: PrecisionPolicy) -> None:
+        if not isinstance(policy, PrecisionPolicy):
+            raise TypeError(f"add_policy expects a PrecisionPolicy, got {type(policy).__name__} from plugin {self.plugin!r}")
+        self._registry._add(self._registry._policies, "precision policy", policy.name, policy, self.plugin)
+
+    def add_tableau(self, tableau: ButcherTableau) -> None:
+        if not isinstance(tableau, ButcherTableau):
+            raise TypeError(f"add_tableau expects a ButcherTableau, got {type(tableau).__name__} from plugin {self.plugin!r}")
+        self._registry._add(self._registry._tableaus, "method", tableau.name, tableau, self.plugin)
+
+    def add_adapter(self, adapter: HostAdapter) -> None:
+        if not isinstance(adapter, HostAdapter):
+            raise TypeError(f"add_adapter expects a HostAdapter, got {type(adapter).__name__} from plugin {self.plugin!r}")
+        self._registry._add(self._registry._adapters, "adapter", adapter.name, adapter, self.plugin)
+
+
+def make_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
+    """A fresh plugin manager (tests use this to avoid the cached one)."""
+    pm = pluggy.PluginManager(_hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(_hookspecs)
+    if autoload is None:
+        autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
+    if autoload:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    pm.register(_builtin, name=BUILTIN_PLUGIN_NAME)
+    pm.check_pending()
+    return pm
+
+
+def build_registry(pm: pluggy.PluginManager) -> Registry:
+    """Call the registration hooks plugin by plugin, so duplicates can name both plugins."""
+    registry = Registry()
+    for hook_name in ("rampde_register_precision_policies", "rampde_register_tableaus", "rampde_register_adapters"):
+        hook = getattr(pm.hook, hook_name)
+        # get_hookimpls() is in reverse call order; call in pluggy's order (user plugins first,
+        # trylast built-ins last) so a clash is reported against the built-in.
+        for impl in reversed(hook.get_hookimpls()):
+            kwargs = {"registry": _Registrar(registry, impl.plugin_name)}
+            impl.function(*[kwargs[a] for a in impl.argnames])
+    return registry
+
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.pm: pluggy.PluginManager | None = None
+        self.registry: Registry | None = None
+
+
+_state = _State()
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager (built on first use)."""
+    with _state.lock:
+        if _state.pm is None:
+            _state.pm = make_plugin_manager()
+        return _state.pm
+
+
+def get_registry() -> Registry:
+    """The process-wide registry of policies, tableaus and adapters."""
+    with _state.lock:
+        if _state.registry is None:
+            _state.registry = build_registry(get_plugin_manager())
+        return _state.registry
+
+
+def _swap_registry(mutate, undo) -> Registry:
+    """Apply a plugin-set change, rebuild the registry, re-sync adapters; undo on any error."""
+    with _state.lock:
+        pm = get_plugin_manager()
+        old = get_registry()
+        mutate(pm)
+        try:
+            new = build_registry(pm)
+        except Exception:
+            undo(pm)
+            raise
+        # Adapter objects are carried over so installed state is not lost.
+        for name, (adapter, plugin) in list(new._adapters.items()):
+            if name in old._adapters:
+                new._adapters[name] = old._adapters[name]
+        for name, (adapter, _) in old._adapters.items():
+            if name not in new._adapters and adapter.installed:
+                adapter.uninstall()
+        _state.registry = new
+        for adapter in new.adapters.values():
+            adapter.refresh(new)
+        return new
+
+
+def register_plugin(plugin, name: str | None = None) -> str:
+    """Register a plugin object at run time; its tableaus appear in every installed host at once.
+
+    Raises ``ValueError`` (and registers nothing) if one of its names is already taken.
+    Returns the plugin's name.
+    """
+    holder = {}
+
+    def mutate(pm):
+        holder["name"] = pm.register(plugin, name=name)
+        if holder["name"] is None:
+            raise ValueError(f"plugin {name or plugin!r} is blocked or already registered")
+
+    _swap_registry(mutate, lambda pm: pm.unregister(plugin))
+    return holder["name"]
+
+
+def unregister_plugin(plugin=None, name: str | None = None) -> None:
+    """Remove a plugin registered with :func:`register_plugin` (by object or by name)."""
+
+    def mutate(pm):
+        target = plugin if plugin is not None else pm.get_plugin(name)
+        if target is None or not pm.is_registered(target):
+            raise ValueError(f"plugin {name or plugin!r} is not registered")
+        if pm.get_name(target) == BUILTIN_PLUGIN_NAME:
+            raise ValueError("the built-in plugin cannot be unregistered")
+        holder["plugin"], holder["name"] = target, pm.get_name(target)
+        pm.unregister(target)
+
+    holder = {}
+    _swap_registry(mutate, lambda pm: pm.register(holder["plugin"], name=holder["name"]))
+
+
+def _select_adapters(names):
+    registry = get_registry()
+    if not names:
+        return registry, list(registry.adapters.values())
+    chosen = []
+    for n in names:
+        if n not in registry.adapters:
+            raise ValueError(f"unknown adapter {n!r}; registered adapters: {', '.join(sorted(registry.adapters)) or 'none'}")
+        chosen.append(registry.adapters[n])
+    return registry, chosen
+
+
+def install(*names: str) -> list[str]:
+    """Install the named adapters (all whose host is importable, if none are named); idempotent.
+
+    Raises :class:`rampde_plugins.UnsupportedHostError` if a named adapter's host lacks a
+    capability, or ``ValueError`` for an unknown name or a host that is not installed.
+    Returns the names installed.
+    """
+    with _state.lock:
+        registry, adapters = _select_adapters(names)
+        done = []
+        for adapter in adapters:
+            if not adapter.host_available():
+                if names:
+                    raise ValueError(f"adapter {adapter.name!r}: host library {adapter.host_module!r} is not installed")
+                continue
+            adapter.install(registry)
+            done.append(adapter.name)
+        return done
+
+
+def uninstall(*names: str) -> list[str]:
+    """Remove the named adapters' patches (all, if none are named); idempotent."""
+    with _state.lock:
+        _, adapters = _select_adapters(names)
+        for adapter in adapters:
+            if adapter.installed:
+                adapter.uninstall()
+        return [a.name for a in adapters]
+
+
+def _autoinstall() -> None:
+    """On import: install every adapter whose host is importable; warn (never fail) on problems."""
+    if os.environ.get(DISABLE_AUTOLOAD_ENV):
+        return
+    registry = get_registry()
+    for adapter in registry.adapters.values():
+        if not adapter.host_available():
+            continue
+        try:
+            adapter.install(registry)
+        except UnsupportedHostError as exc:
+            warnings.warn(f"rampde_plugins: adapter {adapter.name!r} not installed: {exc}", RampdeAdapterWarning, stacklevel=3)
+
+
+def resolve_policy(precision=None, *, device_type: str = "cpu", state_dtype: torch.dtype = torch.float32) -> PrecisionPolicy:
+    """The policy of a solve.
+
+    Order: ``precision`` (a registered name or a :class:`PrecisionPolicy`); else the
+    ``rampde_default_policy`` hook, which by default follows the active ``torch.autocast`` on
+    ``device_type`` and otherwise the state dtype.  The result is checked against the device.
+    """
+    registry = get_registry()
+    if precision is None:
+        autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        precision = get_plugin_manager().hook.rampde_default_policy(
+            device_type=device_type, autocast_dtype=autocast_dtype, state_dtype=state_dtype
+        )
+        if precision is None:
+            raise ValueError(
+                f"no precision policy for autocast dtype {autocast_dtype} / state dtype {state_dtype} on "
+                f"{device_type!r}; pass options={{'precision': name}} with one of {', '.join(sorted(registry.policies))}"
+            )
+    if isinstance(precision, str):
+        policy = registry.policy(precision)
+    elif isinstance(precision, PrecisionPolicy):
+        policy = precision
+    else:
+        raise TypeError(
+            f"precision must be a policy name or a PrecisionPolicy, got {type(precision).__name__}; "
+            f"registered policies: {', '.join(sorted(registry.policies))}"
+        )
+    policy.check_device(device_type)
+    return policy

@@ -1,0 +1,85 @@
+"""Per-call solver statistics, collected without hand-made counters.
+
+    with rampde_plugins.collect_stats() as stats:
+        y = odeint(f, y0, t, method="rampde_rk4")
+        y.sum().backward()
+    print(stats.last)        # SolveStats(n_steps=..., forward_nfe=..., backward_nfe=..., ...)
+
+A record is created when a solve starts and filled in by its backward whenever that runs (also after
+the ``with`` block has closed), so counts are plain Python integers kept next to the solve: no
+synchronisation with the device and no global counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import asdict, dataclass
+
+__all__ = ["SolveStats", "StatsCollector", "collect_stats"]
+
+
+@dataclass
+class SolveStats:
+    """What one solve did.  Backward fields stay 0/None until its backward has run."""
+
+    method: str
+    policy: str
+    n_steps: int = 0
+    n_outputs: int = 0
+    forward_nfe: int = 0
+    backward_nfe: int = 0
+    backward_steps: int = 0
+    scale_backoffs: int = 0
+    redone_steps: int = 0
+    initial_scale: float | None = None
+    final_scale: float | None = None
+    stored_bytes: int = 0
+    backward_done: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class StatsCollector:
+    """The records of the solves started inside one :func:`collect_stats` block."""
+
+    def __init__(self) -> None:
+        self.records: list[SolveStats] = []
+
+    @property
+    def last(self) -> SolveStats:
+        if not self.records:
+            raise LookupError("no rampde solve ran inside this collect_stats() block")
+        return self.records[-1]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def total(self, field: str) -> int:
+        """Sum of an integer field over the records (e.g. ``stats.total("forward_nfe")``)."""
+        return sum(getattr(r, field) for r in self.records)
+
+
+_ACTIVE: contextvars.ContextVar[tuple[StatsCollector, ...]] = contextvars.ContextVar("rampde_stats", default=())
+
+
+@contextlib.contextmanager
+def collect_stats():
+    """Collect a :class:`SolveStats` record for every rampde solve started in the block (nestable)."""
+    collector = StatsCollector()
+    token = _ACTIVE.set(_ACTIVE.get() + (collector,))
+    try:
+        yield collector
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _new_record(method: str, policy: str) -> SolveStats:
+    record = SolveStats(method=method, policy=policy)
+    for collector in _ACTIVE.get():
+        collector.records.append(record)
+    return record

@@ -1,0 +1,211 @@
+"""Butcher tableaus of explicit Runge--Kutta methods, validated on construction.
+
+One small value per method (the diffrax habit): the numbers, the order they claim, and a check that
+the numbers deliver it.  The engine reads nothing else, so a tableau registered by any plugin runs
+with every precision policy and in every host library.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+__all__ = ["ButcherTableau", "BUILTIN_TABLEAUS"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+# Tolerance of the algebraic checks.  Coefficients are usually typed as decimal approximations of
+# rationals (e.g. 0.3333333333333333); 1e-12 accepts those and rejects real typos.
+_TOL = 1e-12
+
+
+def _order_conditions(c, a, b, order):
+    """Yield (description, value, expected) for the rooted-tree conditions up to min(order, 4)."""
+    s = len(b)
+
+    def a_dot(v):  # (A v)_i
+        return [sum(a[i][j] * v[j] for j in range(i)) for i in range(s)]
+
+    def b_dot(v):
+        return sum(b[i] * v[i] for i in range(s))
+
+    ones = [1.0] * s
+    yield "sum(b) = 1", b_dot(ones), 1.0
+    if order >= 2:
+        yield "b.c = 1/2", b_dot(c), 1 / 2
+    if order >= 3:
+        c2 = [x * x for x in c]
+        yield "b.c^2 = 1/3", b_dot(c2), 1 / 3
+        yield "b.Ac = 1/6", b_dot(a_dot(c)), 1 / 6
+    if order >= 4:
+        c3 = [x**3 for x in c]
+        ac = a_dot(c)
+        yield "b.c^3 = 1/4", b_dot(c3), 1 / 4
+        yield "b.(c*Ac) = 1/8", b_dot([c[i] * ac[i] for i in range(s)]), 1 / 8
+        yield "b.Ac^2 = 1/12", b_dot(a_dot([x * x for x in c])), 1 / 12
+        yield "b.AAc = 1/24", b_dot(a_dot(ac)), 1 / 24
+
+
+@dataclass(frozen=True, eq=False)
+class ButcherTableau:
+    """An explicit Runge--Kutta method ``(c, A, b)`` with its claimed order.
+
+    Args:
+        name: short lowercase identifier; host libraries see the method as ``rampde_<name>``.
+        c: stage times as fractions of the step, ``c[0] == 0``.
+        a: the strictly lower-triangular stage matrix, either as ragged rows (row ``i`` has ``i``
+            entries) or as a full ``s x s`` matrix whose diagonal and upper triangle are zero.
+        b: solution weights.
+        order: the classical order the method claims.  The order conditions up to
+            ``min(order, 4)`` are checked; beyond 4 the claim is recorded but not proven here (the
+            convergence-order tests measure it).
+        b_err: optional weights of an embedded error estimate (``b - b_hat``), which must sum to 0.
+        description: one line for ``python -m rampde_plugins``.
+
+    Raises:
+        ValueError: naming the violated condition, if the tableau is malformed or does not reach
+            its claimed order.
+    """
+
+    name: str
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    order: int
+    b_err: tuple[float, ...] | None = None
+    description: str = ""
+    # Derived, filled by __post_init__: which stages the torchdiffeq-style `perturb` option nudges.
+    _c_is_one: tuple[bool, ...] = field(init=False, repr=False)
+
+    def __init__(
+        self,
+        name: str,
+        c: Sequence[float],
+        a: Sequence[Sequence[float]],
+        b: Sequence[float],
+        order: int,
+        b_err: Sequence[float] | None = None,
+        description: str = "",
+    ) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(
+                f"ButcherTableau name={name!r} is invalid: use lowercase letters, digits and '_', "
+                "starting with a letter (host libraries see it as 'rampde_<name>')"
+            )
+        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+            raise ValueError(f"ButcherTableau {name!r}: order={order!r} must be a positive integer")
+        try:
+            c_t = tuple(float(x) for x in c)
+            b_t = tuple(float(x) for x in b)
+            rows = [tuple(float(x) for x in row) for row in a]
+            be_t = None if b_err is None else tuple(float(x) for x in b_err)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"ButcherTableau {name!r}: coefficients must be real numbers ({exc})") from None
+        s = len(b_t)
+        if s == 0:
+            raise ValueError(f"ButcherTableau {name!r}: b is empty; a method needs at least one stage")
+        if len(c_t) != s or len(rows) != s:
+            raise ValueError(
+                f"ButcherTableau {name!r}: len(c)={len(c_t)}, len(a)={len(rows)} and len(b)={s} must agree"
+            )
+        # Accept ragged rows or a full square matrix; store ragged rows.
+        ragged = []
+        for i, row in enumerate(rows):
+            if len(row) == i:
+                ragged.append(row)
+            elif len(row) == s:
+                if any(x != 0.0 for x in row[i:]):
+                    raise ValueError(
+                        f"ButcherTableau {name!r}: a[{i}] has non-zero entries on or above the diagonal; "
+                        "only explicit methods are supported by this engine"
+                    )
+                ragged.append(row[:i])
+            else:
+                raise ValueError(
+                    f"ButcherTableau {name!r}: a[{i}] has {len(row)} entries; expected {i} (ragged) or {s} (square)"
+                )
+        if c_t[0] != 0.0:
+            raise ValueError(f"ButcherTableau {name!r}: c[0]={c_t[0]} must be 0 for an explicit method")
+        for x in (*c_t, *b_t, *(v for r in ragged for v in r), *(be_t or ())):
+            if not math.isfinite(x):
+                raise ValueError(f"ButcherTableau {name!r}: coefficient {x} is not finite")
+        # Row sums equal c: the stage times must be where the stage states actually are, or the
+        # method loses order on non-autonomous problems.
+        for i in range(s):
+            if abs(sum(ragged[i]) - c_t[i]) > _TOL * max(1.0, abs(c_t[i])):
+                raise ValueError(
+                    f"ButcherTableau {name!r}: row {i} of a sums to {sum(ragged[i])!r} but c[{i}]={c_t[i]!r}"
+                )
+        for what, value, expected in _order_conditions(c_t, ragged, b_t, order):
+            if abs(value - expected) > 1e-10:
+                raise ValueError(
+                    f"ButcherTableau {name!r} claims order {order} but violates {what} "
+                    f"(got {value!r})"
+                )
+        if be_t is not None:
+            if len(be_t) != s:
+                raise ValueError(f"ButcherTableau {name!r}: len(b_err)={len(be_t)} must equal len(b)={s}")
+            if abs(sum(be_t)) > _TOL * s:
+                raise ValueError(f"ButcherTableau {name!r}: b_err sums to {sum(be_t)!r}; error weights must sum to 0")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "c", c_t)
+        object.__setattr__(self, "a", tuple(ragged))
+        object.__setattr__(self, "b", b_t)
+        object.__setattr__(self, "order", order)
+        object.__setattr__(self, "b_err", be_t)
+        object.__setattr__(self, "description", description)
+        object.__setattr__(self, "_c_is_one", tuple(x == 1.0 for x in c_t))
+
+    @property
+    def stages(self) -> int:
+        """Number of function evaluations per step."""
+        return len(self.b)
+
+    def same_coefficients(self, other: "ButcherTableau", tol: float = 1e-14) -> bool:
+        """True when ``other`` has the same (c, A, b) to ``tol`` (used to merge host tableaus)."""
+        if self.stages != other.stages:
+            return False
+        pairs = [*zip(self.c, other.c), *zip(self.b, other.b)]
+        pairs += [p for r1, r2 in zip(self.a, other.a) for p in zip(r1, r2)]
+        return all(abs(x - y) <= tol for x, y in pairs)
+
+
+_third = 1.0 / 3.0
+
+BUILTIN_TABLEAUS = (
+    ButcherTableau("euler", c=[0.0], a=[[]], b=[1.0], order=1, description="forward Euler"),
+    ButcherTableau(
+        "midpoint", c=[0.0, 0.5], a=[[], [0.5]], b=[0.0, 1.0], order=2, description="explicit midpoint rule"
+    ),
+    ButcherTableau(
+        "heun2", c=[0.0, 1.0], a=[[], [1.0]], b=[0.5, 0.5], order=2, description="Heun's method (trapezoidal)"
+    ),
+    ButcherTableau(
+        "heun3",
+        c=[0.0, _third, 2 * _third],
+        a=[[], [_third], [0.0, 2 * _third]],
+        b=[0.25, 0.0, 0.75],
+        order=3,
+        description="Heun's third-order method (as torchdiffeq's heun3)",
+    ),
+    # torchdiffeq's `rk4` is Kutta's 3/8 rule (rk4_alt_step_func), not the classic RK4; keep the name
+    # meaning the same thing in both libraries.
+    ButcherTableau(
+        "rk4",
+        c=[0.0, _third, 2 * _third, 1.0],
+        a=[[], [_third], [-_third, 1.0], [1.0, -1.0, 1.0]],
+        b=[0.125, 0.375, 0.375, 0.125],
+        order=4,
+        description="Kutta's 3/8 rule (torchdiffeq's rk4)",
+    ),
+    ButcherTableau(
+        "rk4_classic",
+        c=[0.0, 0.5, 0.5, 1.0],
+        a=[[], [0.5], [0.0, 0.5], [0.0, 0.0, 1.0]],
+        b=[1 / 6, 1 / 3, 1 / 3, 1 / 6],
+        order=4,
+        description="the classic fourth-order Runge-Kutta method",
+    ),
+)
