@@ -323,6 +323,11 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
             clean_run = 0
         if attempt:
             redone += 1
+        if steps_done == 0:
+            # What a persistent scaler carries to the next iteration: the scale that ran the
+            # *first* backward step cleanly.  The next backward also starts at t_N with a terminal
+            # cotangent of similar size; the end-of-pass scale belongs to the adjoint at t_0.
+            first_clean_scale = scale
         inv = 1.0 / scale
         a = grads[0].to(acc_dtype)
         if scale != 1.0:
@@ -348,7 +353,7 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
             scale, clean_run = scaler._grow(scale, scaled_amax, clean_run)
     g_y0 = a + g[0]
     if dynamic:
-        scaler._finish(scale, backoffs)
+        scaler._finish(first_clean_scale if steps_done else scale, backoffs)
     rec = prob.record
     rec.backward_nfe += nfe
     rec.backward_steps += steps_done

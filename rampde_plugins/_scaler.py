@@ -83,7 +83,10 @@ class AdjointScaler:
         return self._enabled
 
     def get_scale(self) -> float | None:
-        """The scale the next backward starts from (``None`` until sized from data; 1.0 if disabled)."""
+        """The scale the next backward starts from (``None`` until sized from data; 1.0 if disabled).
+
+        After a backward this is the scale that ran its first (terminal) step without overflow.
+        """
         return 1.0 if not self._enabled else self._scale
 
     def get_backoff_count(self) -> int:

@@ -1,0 +1,48 @@
+"""Shared definitions: every test that loops over methods or policies uses these lists."""
+
+import torch
+
+import rampde_plugins
+
+#: rampde methods that torchdiffeq also has under the same name (compared 1:1 with the host).
+HOST_METHODS = ["euler", "midpoint", "heun2", "heun3", "rk4"]
+#: every built-in method (convergence order is measured for each).
+ALL_METHODS = sorted(rampde_plugins.get_registry().tableaus)
+#: every built-in policy.
+ALL_POLICIES = sorted(rampde_plugins.get_registry().policies)
+LOW_PRECISION_POLICIES = ["bf16", "fp16", "fp16_gradscaler"]
+
+
+def rel(a, b):
+    """Relative error ||a - b|| / ||b|| in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+class MLPField(torch.nn.Module):
+    """A small non-autonomous vector field f(t, y) = W2 tanh(W1 y + b1) cos(t) + b2."""
+
+    def __init__(self, dim=3, hidden=16, dtype=torch.float64, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.l1 = torch.nn.Linear(dim, hidden, dtype=dtype)
+        self.l2 = torch.nn.Linear(hidden, dim, dtype=dtype)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.5)
+
+    def forward(self, t, y):
+        return self.l2(torch.tanh(self.l1(y))) * torch.cos(t)
+
+
+def linear_problem(dim=10, batch=12, seed=0):
+    """The 10-dim stable linear problem of the mixed-precision tests: (A, y0) in float64.
+
+    A = -0.5 I + 0.5 (M - M^T) - 0.2 M M^T with M ~ N(0, 1/dim): eigenvalues with real parts in
+    about [-0.95, -0.55] (stable, mildly decaying, rotating).
+    """
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(dim, dim, generator=g, dtype=torch.float64) / dim**0.5
+    a = -0.5 * torch.eye(dim, dtype=torch.float64) + 0.5 * (m - m.T) - 0.2 * m @ m.T
+    y0 = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    return a, y0
