@@ -75,7 +75,6 @@ class _Problem:
     # output bookkeeping, computed once on the host (one synchronisation per solve)
     out_steps: dict  # step n -> list of (output index j, exactly on t_{n+1})
     n_steps: int
-    last_output_step: int
 
     def autocast(self):
         cd = self.policy.compute_dtype
@@ -141,16 +140,16 @@ class _Problem:
         return h00 * y0 + h10 * dt * k0 + h01 * y1 + h11 * dt * f1
 
 
-def _check_hidden_parameters(out: torch.Tensor, params, passed) -> None:
-    """Raise if ``out`` depends on tensors requiring grad that are not among ``params``.
+def _foreign_leaves(out: torch.Tensor, params, passed) -> list:
+    """Weak references to the leaves requiring grad that ``out`` depends on, minus known ones.
 
-    Walks the graph of one velocity evaluation to its leaves.  A leaf that is still alive once the
-    graph is dropped is held by someone else -- a closure or a module attribute -- and would silently
-    get no gradient from the discrete adjoint; leaves created inside ``f`` (e.g. by
-    ``y.detach().requires_grad_()`` in a CNF) die with the graph and are not reported.
+    Walks the graph of one velocity evaluation.  Only weak references are kept so that, once the
+    caller drops ``out``, leaves created inside ``f`` (e.g. ``y.detach().requires_grad_()`` in a CNF)
+    die with the graph; whatever is still alive is held by someone else -- a closure or a module
+    attribute -- and would silently get no gradient from the discrete adjoint.
     """
     if not out.requires_grad or out.grad_fn is None:
-        return
+        return []
     known = {id(p) for p in params} | {id(x) for x in passed}
     stop_nodes = {p.grad_fn for p in params if p.grad_fn is not None}
     seen, stack, refs = set(), [out.grad_fn], []
@@ -163,12 +162,13 @@ def _check_hidden_parameters(out: torch.Tensor, params, passed) -> None:
         if variable is not None:
             if id(variable) not in known:
                 refs.append(weakref.ref(variable))
-            del variable
             continue
         stack.extend(n for n, _ in node.next_functions)
-    del out, stack, seen, node
-    hidden = [r() for r in refs]
-    hidden = [v for v in hidden if v is not None]
+    return refs
+
+
+def _raise_if_alive(refs) -> None:
+    hidden = [v for v in (r() for r in refs) if v is not None]
     if hidden:
         shapes = ", ".join(str(tuple(v.shape)) for v in hidden[:5])
         raise ValueError(
@@ -201,8 +201,9 @@ def _forward(prob: _Problem, y0, grid, t_out, *, store: bool, probe: bool):
             t_first = prob.stage_times(grid[0], grid[1], h_all[0])[0]
             with torch.enable_grad():
                 k0 = prob.f(t_first, y)
-                _check_hidden_parameters(k0, prob.params, (y, t_first))
-            k0 = k0.detach().to(state_dtype)
+                refs = _foreign_leaves(k0, prob.params, (y, t_first))
+            k0 = k0.detach().to(state_dtype)  # drops the probe's graph before the liveness check
+            _raise_if_alive(refs)
             nfe += 1
         for n in range(n_steps):
             if store:
@@ -264,8 +265,11 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
     h_all = grid_d[1:] - grid_d[:-1]
     h_state_all = h_all.to(state_dtype)
     nfe, steps_done = 0, 0
-    # Steps after the last output carry a zero adjoint: nothing to do there.
-    for n in range(prob.last_output_step, -1, -1):
+    # Steps after the last output with a non-zero cotangent carry a zero adjoint: skip them (one
+    # host synchronisation per backward, e.g. a loss on an early part of the trajectory).
+    active = (g[1:].reshape(g.shape[0] - 1, -1) != 0).any(dim=1).tolist() if g.shape[0] > 1 else []
+    last_step = max((n for n, outs in prob.out_steps.items() if any(active[j - 1] for j, _ in outs)), default=-1)
+    for n in range(last_step, -1, -1):
         outs = prob.out_steps.get(n, ())
         y_n = stored[n].to(state_dtype).requires_grad_(True)
         if prob.callback_step_adjoint is not None:
@@ -484,7 +488,6 @@ def solve_grid(
         exact = (tout_cpu[1:] == grid_cpu[step_of + 1]) & (interp == "linear")
         for j, (n, ex) in enumerate(zip(step_of.tolist(), exact.tolist()), start=1):
             out_steps.setdefault(n, []).append((j, ex))
-    last_output_step = max(out_steps) if out_steps else -1
 
     params = tuple(params)
     for p in params:
@@ -495,7 +498,7 @@ def solve_grid(
         f=f, tableau=tableau, policy=policy, params=params, interp=interp, perturb=bool(perturb),
         scaler=scaler, callback_step=callback_step, callback_step_adjoint=callback_step_adjoint,
         device_type=device_type, time_dtype=time_dtype, record=record, out_steps=out_steps,
-        n_steps=n_steps, last_output_step=last_output_step,
+        n_steps=n_steps,
     )
     diff_params = tuple(p for p in params if p.requires_grad)
     prob.params = diff_params
@@ -503,6 +506,9 @@ def solve_grid(
         y0.requires_grad or grid_t.requires_grad or t_out_t.requires_grad or bool(diff_params)
     )
     if not needs_graph:
-        sol, _ = _forward(prob, y0, grid_t, t_out_t, store=False, probe=False)
+        # Still probe under grad mode: a closure over parameters with nothing else requiring grad
+        # would otherwise return a result without a graph, and the missing gradient would surface
+        # far from its cause.
+        sol, _ = _forward(prob, y0, grid_t, t_out_t, store=False, probe=torch.is_grad_enabled())
         return sol
     return _GridAdjoint.apply(prob, y0, grid_t, t_out_t, *diff_params)

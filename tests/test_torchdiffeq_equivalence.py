@@ -24,8 +24,9 @@ OPTION_CASES = {
 }
 
 
-def _both(method, y0, t, opts, func):
-    ours = odeint(func, y0, t, method="rampde_" + method, options=dict(opts, precision="fp64"))
+def _both(method, y0, t, opts, func, params=None):
+    extra = {} if params is None else {"adjoint_params": params}
+    ours = odeint(func, y0, t, method="rampde_" + method, options=dict(opts, precision="fp64", **extra))
     host = odeint(func, y0, t, method=method, options=opts)
     return ours, host
 
@@ -58,7 +59,8 @@ def test_tuple_state_and_decreasing_time_match(method):
 
     y0 = (torch.randn(4, 3, dtype=torch.float64), torch.randn(2, dtype=torch.float64))
     t = torch.tensor([1.7, 1.1, 0.45, 0.0], dtype=torch.float64)  # decreasing
-    ours, host = _both(method, y0, t, {"step_size": 0.1}, func)
+    params = (*func_a.parameters(), *func_b.parameters())  # a closure: declare what it uses
+    ours, host = _both(method, y0, t, {"step_size": 0.1}, func, params)
     assert isinstance(ours, tuple) and len(ours) == 2
     for o, h in zip(ours, host):
         assert rel(o, h) < TOL
