@@ -56,6 +56,22 @@ def _lincomb(ks: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tenso
     return acc
 
 
+def _axpy(y: torch.Tensor, h, ks: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
+    """y + h * sum_j coeffs[j] * ks[j], formed in y's dtype."""
+    if isinstance(h, float):
+        out, fresh = y, False
+        for k, w in zip(ks, coeffs):
+            if w == 0.0:
+                continue
+            if fresh and not torch.is_grad_enabled():
+                out.add_(k, alpha=h * w)
+            else:
+                out, fresh = torch.add(out, k, alpha=h * w), True
+        return out
+    comb = _lincomb(ks, coeffs)
+    return y if comb is None else torch.addcmul(y, h, comb)
+
+
 @dataclass
 class _Problem:
     """Everything the forward and the backward of one solve share."""
@@ -107,25 +123,34 @@ class _Problem:
             times.append(ti)
         return times
 
-    def step(self, y: torch.Tensor, times, h_state: torch.Tensor, k0: torch.Tensor | None = None):
-        """One RK step from ``y`` (state dtype): returns (y_next, stage values)."""
+    def stage_time_table(self, grid: torch.Tensor) -> torch.Tensor:
+        """All stage times of all steps, ``(n_steps, stages)``, computed once (no graph)."""
+        t0, t1 = grid[:-1], grid[1:]
+        h = t1 - t0
+        cols = self.stage_times(t0, t1, h)
+        return torch.stack(cols, dim=1)
+
+    def step(self, y: torch.Tensor, times, h, k0: torch.Tensor | None = None):
+        """One RK step from ``y`` (state dtype): returns (y_next, stage values).
+
+        ``h`` is a Python float when no time gradient is needed (then ``y + h*sum(a_ij k_j)`` is a
+        chain of fused ``add(alpha=...)`` kernels) or a tensor in the state dtype that broadcasts
+        against ``y`` (differentiable in the step size).
+        """
         f, tab, state_dtype = self.f, self.tableau, self.policy.state_dtype
         ks: list[torch.Tensor] = []
         for i in range(tab.stages):
             if i == 0 and k0 is not None:
                 ks.append(k0)
                 continue
-            comb = _lincomb(ks, tab.a[i]) if i else None
-            yi = y if comb is None else torch.addcmul(y, h_state, comb)
+            yi = _axpy(y, h, ks, tab.a[i]) if i else y
             k = f(times[i], yi)
             if k.dtype != state_dtype:
                 # Velocities may come back in fp16/bf16; every combination is formed in the state
                 # dtype (a 0-d h would not promote a half-precision k).
                 k = k.to(state_dtype)
             ks.append(k)
-        comb = _lincomb(ks, tab.b)
-        y_next = y if comb is None else torch.addcmul(y, h_state, comb)
-        return y_next, ks
+        return _axpy(y, h, ks, tab.b), ks
 
     def interpolate(self, t0, t1, y0, y1, k0, f1, t):
         """Dense output at t in (t0, t1] (torchdiffeq's linear or cubic Hermite formula)."""
@@ -191,14 +216,15 @@ def _forward(prob: _Problem, y0, grid, t_out, *, store: bool, probe: bool):
     grid = grid.detach()
     t_out = t_out.detach()
     h_all = grid[1:] - grid[:-1]
-    h_state_all = h_all.to(state_dtype)
+    h_float = h_all.tolist()  # one synchronisation; steps then use fused add(alpha=h*a_ij)
+    times = prob.stage_time_table(grid).unbind(0)
     nfe = 0
     k0 = None
     with prob.autocast():
         if probe:
             # Evaluate the very first stage with a graph, look for parameters hidden in a closure,
             # and reuse the value: the check costs no extra evaluation.
-            t_first = prob.stage_times(grid[0], grid[1], h_all[0])[0]
+            t_first = times[0][0]
             with torch.enable_grad():
                 k0 = prob.f(t_first, y)
                 refs = _foreign_leaves(k0, prob.params, (y, t_first))
@@ -211,7 +237,7 @@ def _forward(prob: _Problem, y0, grid, t_out, *, store: bool, probe: bool):
             t0, t1, h = grid[n], grid[n + 1], h_all[n]
             if prob.callback_step is not None:
                 prob.callback_step(t0, y, h)
-            y_next, ks = prob.step(y, prob.stage_times(t0, t1, h), h_state_all[n], k0 if n == 0 else None)
+            y_next, ks = prob.step(y, times[n].unbind(0), h_float[n], k0 if n == 0 else None)
             if n == 0 and ks[0].shape != y.shape:
                 raise ValueError(
                     f"the vector field returned shape {tuple(ks[0].shape)} for a state of shape {tuple(y.shape)}"
@@ -263,7 +289,8 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
 
     grid_d, t_out_d = grid.detach(), t_out.detach()
     h_all = grid_d[1:] - grid_d[:-1]
-    h_state_all = h_all.to(state_dtype)
+    h_float = h_all.tolist()
+    times = None if need_time else prob.stage_time_table(grid_d).unbind(0)
     nfe, steps_done = 0, 0
     # Steps after the last output with a non-zero cotangent carry a zero adjoint: skip them (one
     # host synchronisation per backward, e.g. a loss on an early part of the trajectory).
@@ -280,10 +307,10 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
                 t0 = grid_d[n].clone().requires_grad_(True)
                 t1 = grid_d[n + 1].clone().requires_grad_(True)
                 h = t1 - t0
-                h_state = h.to(state_dtype)
+                y_next, ks = prob.step(y_n, prob.stage_times(t0, t1, h), h.to(state_dtype))
             else:
-                t0, t1, h, h_state = grid_d[n], grid_d[n + 1], h_all[n], h_state_all[n]
-            y_next, ks = prob.step(y_n, prob.stage_times(t0, t1, h), h_state)
+                t0, t1 = grid_d[n], grid_d[n + 1]
+                y_next, ks = prob.step(y_n, times[n].unbind(0), h_float[n])
             nfe += tab.stages
             roots, cot, t_leaves, t_idx = [y_next], [a], [], []
             f1 = None
