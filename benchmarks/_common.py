@@ -1,0 +1,87 @@
+"""Measurement helpers shared by the main job and the benchmark suite."""
+
+from __future__ import annotations
+
+import platform
+import weakref
+
+import torch
+
+
+class SavedTensorMeter:
+    """Peak bytes of tensors that autograd keeps alive (saved for backward), via saved_tensors_hooks.
+
+    On a CPU this is the part of memory that grows with the number of steps and the network's
+    activations -- the quantity the discrete adjoint is about -- measured exactly and without
+    process-wide noise (RSS only grows and includes the allocator's caches).
+    """
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+
+    def _pack(self, tensor):
+        box = _Box(tensor)
+        n = tensor.numel() * tensor.element_size()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(box, self._release, n)
+        return box
+
+    def _release(self, n):
+        self.live -= n
+
+    @staticmethod
+    def _unpack(box):
+        return box.tensor
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+class _Box:
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        # Detached: a saved output would otherwise reference its own graph node (a cycle).
+        self.tensor = tensor.detach()
+
+
+def machine_info(device: torch.device) -> dict:
+    import importlib.metadata as md
+
+    def version(dist):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "torchdiffeq": version("torchdiffeq"),
+        "torchode": version("torchode"),
+        "rampde_plugins": version("rampde-plugins"),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def rel_err(a, b) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def default_precision(device: torch.device) -> str:
+    """bf16 on CPUs (fast bf16 matmul, fp16 is emulated and slow); fp16 on CUDA (tensor cores)."""
+    return "fp16" if device.type == "cuda" else "bf16"
