@@ -270,3 +270,24 @@ def test_parameters_untouched_when_backward_raises():
     for k, v in net.state_dict().items():
         assert v.dtype == before[k][1] and torch.equal(v, before[k][0])
     assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy, bound", [("fp16", 1e-3), ("bf16", 5e-3)])
+def test_linear_problem_on_cuda(policy, bound):
+    """Same bounds on a CUDA device (tensor-core fp16/bf16 matmuls; same reasoning as on the CPU)."""
+    a64, y064 = linear_problem()
+    dev = torch.device("cuda")
+
+    def grads(dtype, precision):
+        a = a64.to(dev, dtype).requires_grad_()
+        y0 = y064.to(dev, dtype).requires_grad_()
+        t = torch.tensor([0.0, T_END], device=dev, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        y = odeint(lambda t, y: y @ a, y0, t, method="rampde_rk4",
+                   options={"step_size": T_END / N_STEPS, "precision": precision, "adjoint_params": (a,)})[-1]
+        return torch.autograd.grad((y.double() ** 2).sum(), [a, y0])
+
+    ref = grads(torch.float64, "fp64")
+    got = grads(torch.float32, policy)
+    assert got[0].device.type == "cuda"
+    assert rel(got[0], ref[0]) <= bound and rel(got[1], ref[1]) <= bound
