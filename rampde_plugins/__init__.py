@@ -12,7 +12,7 @@ install nothing on import; :func:`install`/:func:`uninstall` do it by hand.
 """
 
 from ._adapter import HostAdapter, UnsupportedHostError
-from ._engine import INTERPOLATIONS, solve_grid
+from ._engine import INTERPOLATIONS, BatchedOutputs, StepData, solve_batched, solve_grid
 from ._hookspecs import hookimpl, hookspec
 from ._manager import (
     DISABLE_AUTOLOAD_ENV,
@@ -37,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdjointScaler",
+    "BatchedOutputs",
     "ButcherTableau",
     "DISABLE_AUTOLOAD_ENV",
     "ENTRY_POINT_GROUP",
@@ -48,6 +49,7 @@ __all__ = [
     "SCALING_MODES",
     "ScalerConfig",
     "SolveStats",
+    "StepData",
     "StatsCollector",
     "UnsupportedHostError",
     "collect_stats",
@@ -59,6 +61,7 @@ __all__ = [
     "make_plugin_manager",
     "register_plugin",
     "resolve_policy",
+    "solve_batched",
     "solve_grid",
     "uninstall",
     "unregister_plugin",

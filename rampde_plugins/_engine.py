@@ -14,6 +14,12 @@ Backward (discretise-then-optimise):
 
 The gradient is that of the computation the forward actually ran (up to the rounding of the stored
 states to the storage dtype), not of the continuous ODE: with the fp64 policy it passes gradcheck.
+
+Two time layouts share this machinery: one grid for the whole state (torchdiffeq: ``grid`` of shape
+``(N+1,)``, ``f`` gets a 0-d time) and one grid per sample (torchode: ``grid`` of shape ``(N+1, B)``,
+``f`` gets time of shape ``(B,)``; samples with fewer steps are padded with zero-length steps, which
+leave their state unchanged exactly).  Where outputs fall and how they are interpolated is an
+*output plan* (:class:`_SharedTimeOutputs`, :class:`BatchedOutputs`), built on the host once per solve.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from ._scaler import AdjointScaler
 from ._stats import _new_record
 from ._tableau import ButcherTableau
 
-__all__ = ["solve_grid", "INTERPOLATIONS"]
+__all__ = ["solve_grid", "solve_batched", "BatchedOutputs", "StepData", "INTERPOLATIONS"]
 
 #: Dense output between grid points (torchdiffeq's fixed-grid ``interp`` option).
 INTERPOLATIONS = ("linear", "cubic")
@@ -72,6 +78,168 @@ def _axpy(y: torch.Tensor, h, ks: Sequence[torch.Tensor], coeffs: Sequence[float
     return y if comb is None else torch.addcmul(y, h, comb)
 
 
+class StepData:
+    """One step as the output plans see it: times, states, stage values and a lazy end slope."""
+
+    __slots__ = ("t0", "t1", "h", "y0", "y1", "ks", "_prob", "_f1")
+
+    def __init__(self, prob, t0, t1, h, y0, y1, ks):
+        self.t0, self.t1, self.h, self.y0, self.y1, self.ks = t0, t1, h, y0, y1, ks
+        self._prob, self._f1 = prob, None
+
+    def f_end(self) -> torch.Tensor:
+        """f(t1, y1) in the state dtype, evaluated once (cubic Hermite output needs it)."""
+        if self._f1 is None:
+            prob = self._prob
+            self._f1 = prob.f(self.t1, self.y1).to(prob.policy.state_dtype)
+            prob.nfe_extra += 1
+        return self._f1
+
+
+class _SharedTimeOutputs:
+    """torchdiffeq's fixed-grid outputs: ``sol[j]`` at ``t_out[j]``, one time for the whole state.
+
+    ``sol[0] = y0``; ``t_out[j]`` (j >= 1) is produced by the step with ``t_n < t_j <= t_{n+1}``, as
+    ``y_{n+1}`` itself when ``t_j == t_{n+1}`` and ``interp == "linear"`` (torchdiffeq returns it without
+    interpolating) and otherwise by linear or cubic Hermite interpolation.
+    """
+
+    def __init__(self, t_out, grid_cpu, interp):
+        self.t_out, self.interp = t_out, interp
+        tout_cpu = t_out.detach().cpu()
+        self.steps: dict[int, list] = {}
+        if tout_cpu.shape[0] > 1:
+            step_of = (torch.searchsorted(grid_cpu, tout_cpu[1:], side="left") - 1).clamp_(min=0)
+            # The cubic formula is always applied, also on grid points, as torchdiffeq does, so the
+            # one-sided time derivatives at grid points agree with the host's.
+            exact = (tout_cpu[1:] == grid_cpu[step_of + 1]) & (interp == "linear")
+            for j, (n, ex) in enumerate(zip(step_of.tolist(), exact.tolist()), start=1):
+                self.steps.setdefault(n, []).append((j, ex))
+
+    def allocate(self, y, dtype):
+        sol = torch.empty((self.t_out.shape[0], *y.shape), dtype=dtype, device=y.device)
+        sol[0] = y
+        return sol
+
+    def y0_cotangent(self, g):
+        return g[0]
+
+    def last_active_step(self, g) -> int:
+        if g.shape[0] <= 1:
+            return -1
+        active = (g[1:].reshape(g.shape[0] - 1, -1) != 0).any(dim=1).tolist()
+        return max((n for n, outs in self.steps.items() if any(active[j - 1] for j, _ in outs)), default=-1)
+
+    def evaluate(self, entry, sd: StepData, t_leaves):
+        """Values of the step's outputs (differentiable) -- y1 itself for exact hits."""
+        values = []
+        for (j, exact), tj in zip(entry, t_leaves):
+            if exact:
+                values.append(sd.y1)
+                continue
+            s = ((tj - sd.t0) / (sd.t1 - sd.t0)).to(sd.y0.dtype)
+            if self.interp == "linear":
+                values.append(sd.y0 + s * (sd.y1 - sd.y0))
+            else:
+                dt = (sd.t1 - sd.t0).to(sd.y0.dtype)
+                f1 = sd.f_end()
+                values.append((1 + 2 * s) * (1 - s) * (1 - s) * sd.y0 + s * (1 - s) * (1 - s) * dt * sd.ks[0]
+                              + s * s * (3 - 2 * s) * sd.y1 + s * s * (s - 1) * dt * f1)
+        return values
+
+    def times(self, entry, t_out, need_grad):
+        return [None if exact else (t_out[j].clone().requires_grad_(True) if need_grad else t_out[j]) for j, exact in entry]
+
+    def write(self, sol, entry, values):
+        for (j, _), v in zip(entry, values):
+            sol[j] = v
+
+    def cotangents(self, g, entry):
+        return [g[j] for j, _ in entry]
+
+    def add_time_grads(self, g_tout, entry, grads):
+        for (j, exact), gj in zip(entry, grads):
+            if gj is not None:
+                g_tout[j] += gj.to(g_tout.dtype)
+
+
+class BatchedOutputs:
+    """torchode's outputs: ``ys[b, j]`` at ``t_eval[b, j]``, one time grid per sample.
+
+    Output ``(b, j)`` is produced by the first step whose interval contains it (in that sample's
+    direction of time), by ``interpolant(step_data)`` -- any object with ``evaluate(t, sample_idx)``,
+    such as the host method's own dense output.  ``t_eval[b, 0] == t_start[b]`` returns ``y0[b]``.
+
+    Args:
+        t_eval: ``(B, M)`` output times (time dtype).
+        interpolant: ``callable(StepData) -> object`` with ``evaluate(t, sample_idx)``.
+    """
+
+    def __init__(self, t_eval, interpolant):
+        self.t_eval, self.interpolant = t_eval, interpolant
+        self.steps: dict[int, tuple] = {}
+        self.at_start = None
+
+    def plan(self, grid_cpu):
+        """Assign outputs to steps (host side, once; grid_cpu is ``(N+1, B)``)."""
+        tev = self.t_eval.detach().cpu()
+        direction = torch.where(grid_cpu[-1] >= grid_cpu[0], 1.0, -1.0).to(grid_cpu.dtype)
+        g_norm = (grid_cpu * direction).T.contiguous()  # (B, N+1), non-decreasing per row
+        e_norm = (tev * direction[:, None]).contiguous()
+        step_of = torch.searchsorted(g_norm, e_norm, side="left") - 1  # (B, M)
+        at_start = (tev[:, 0] == grid_cpu[0])
+        step_of[:, 0] = torch.where(at_start, -1, step_of[:, 0].clamp(min=0))
+        step_of[:, 1:].clamp_(min=0)
+        self.at_start = at_start.to(self.t_eval.device)
+        dev = self.t_eval.device
+        flat = step_of.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat[flat >= 0], minlength=grid_cpu.shape[0] - 1).tolist()
+        sample = (order // tev.shape[1])
+        evalj = (order % tev.shape[1])
+        offset = int((flat < 0).sum())
+        for n, c in enumerate(counts):
+            if c:
+                sl = slice(offset, offset + c)
+                self.steps[n] = (sample[sl].to(dev), evalj[sl].to(dev))
+                offset += c
+
+    def allocate(self, y, dtype):
+        ys = torch.full((y.shape[0], self.t_eval.shape[1], *y.shape[1:]), math.nan, dtype=dtype, device=y.device)
+        ys[self.at_start, 0] = y[self.at_start].to(dtype)
+        return ys
+
+    def y0_cotangent(self, g):
+        mask = self.at_start.reshape(-1, *([1] * (g.ndim - 2))).to(g.dtype)
+        return g[:, 0] * mask
+
+    def last_active_step(self, g) -> int:
+        active = (g.reshape(g.shape[0], g.shape[1], -1) != 0).any(dim=2)
+        return max((n for n, (b, j) in self.steps.items() if bool(active[b, j].any())), default=-1)
+
+    def evaluate(self, entry, sd: StepData, t_leaves):
+        sample, _ = entry
+        return [self.interpolant(sd).evaluate(t_leaves[0], sample)]
+
+    def times(self, entry, t_eval, need_grad):
+        sample, evalj = entry
+        t = t_eval[sample, evalj]
+        return [t.clone().requires_grad_(True) if need_grad else t]
+
+    def write(self, ys, entry, values):
+        sample, evalj = entry
+        ys[sample, evalj] = values[0].to(ys.dtype)
+
+    def cotangents(self, g, entry):
+        sample, evalj = entry
+        return [g[sample, evalj]]
+
+    def add_time_grads(self, g_tout, entry, grads):
+        if grads[0] is not None:
+            sample, evalj = entry
+            g_tout.index_put_((sample, evalj), grads[0].to(g_tout.dtype), accumulate=True)
+
+
 @dataclass
 class _Problem:
     """Everything the forward and the backward of one solve share."""
@@ -80,17 +248,16 @@ class _Problem:
     tableau: ButcherTableau
     policy: PrecisionPolicy
     params: tuple
-    interp: str
+    outputs: object
     perturb: bool
     scaler: AdjointScaler | None
     callback_step: Callable | None
     callback_step_adjoint: Callable | None
     device_type: str
-    time_dtype: torch.dtype
     record: object
-    # output bookkeeping, computed once on the host (one synchronisation per solve)
-    out_steps: dict  # step n -> list of (output index j, exactly on t_{n+1})
     n_steps: int
+    per_sample: bool
+    nfe_extra: int = 0
 
     def autocast(self):
         cd = self.policy.compute_dtype
@@ -98,9 +265,8 @@ class _Problem:
             return torch.autocast(self.device_type, enabled=False)
         return torch.autocast(self.device_type, dtype=cd)
 
-    # -- the time-stage bookkeeping -------------------------------------------------------------
     def stage_times(self, t0: torch.Tensor, t1: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
-        """Times of the stages of one step, differentiable in t0 and t1.
+        """Times of the stages of one step (or of all steps at once), differentiable in t0 and t1.
 
         A stage with c == 1 gets t1 itself (not t0 + h, which can differ from t1 in the last bit).
         With ``perturb`` the first stage is moved to the next representable time and stages at
@@ -124,18 +290,21 @@ class _Problem:
         return times
 
     def stage_time_table(self, grid: torch.Tensor) -> torch.Tensor:
-        """All stage times of all steps, ``(n_steps, stages)``, computed once (no graph)."""
+        """All stage times of all steps, ``(n_steps, stages[, B])``, computed once (no graph)."""
         t0, t1 = grid[:-1], grid[1:]
-        h = t1 - t0
-        cols = self.stage_times(t0, t1, h)
-        return torch.stack(cols, dim=1)
+        return torch.stack(self.stage_times(t0, t1, t1 - t0), dim=1)
+
+    def h_for_state(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The step size in the state dtype, shaped to broadcast against the state."""
+        h = h.to(self.policy.state_dtype)
+        return h.reshape(*h.shape, *([1] * (y.ndim - 1))) if self.per_sample else h
 
     def step(self, y: torch.Tensor, times, h, k0: torch.Tensor | None = None):
         """One RK step from ``y`` (state dtype): returns (y_next, stage values).
 
-        ``h`` is a Python float when no time gradient is needed (then ``y + h*sum(a_ij k_j)`` is a
-        chain of fused ``add(alpha=...)`` kernels) or a tensor in the state dtype that broadcasts
-        against ``y`` (differentiable in the step size).
+        ``h`` is a Python float when no time gradient is needed and time is shared (then
+        ``y + h*sum(a_ij k_j)`` is a chain of fused ``add(alpha=...)`` kernels) or a tensor in the
+        state dtype that broadcasts against ``y``.
         """
         f, tab, state_dtype = self.f, self.tableau, self.policy.state_dtype
         ks: list[torch.Tensor] = []
@@ -151,18 +320,6 @@ class _Problem:
                 k = k.to(state_dtype)
             ks.append(k)
         return _axpy(y, h, ks, tab.b), ks
-
-    def interpolate(self, t0, t1, y0, y1, k0, f1, t):
-        """Dense output at t in (t0, t1] (torchdiffeq's linear or cubic Hermite formula)."""
-        s = ((t - t0) / (t1 - t0)).to(y0.dtype)
-        if self.interp == "linear":
-            return y0 + s * (y1 - y0)
-        dt = (t1 - t0).to(y0.dtype)
-        h00 = (1 + 2 * s) * (1 - s) * (1 - s)
-        h10 = s * (1 - s) * (1 - s)
-        h01 = s * s * (3 - 2 * s)
-        h11 = s * s * (s - 1)
-        return h00 * y0 + h10 * dt * k0 + h01 * y1 + h11 * dt * f1
 
 
 def _foreign_leaves(out: torch.Tensor, params, passed) -> list:
@@ -206,18 +363,23 @@ def _raise_if_alive(refs) -> None:
 
 def _forward(prob: _Problem, y0, grid, t_out, *, store: bool, probe: bool):
     """Run the grid forward without a graph.  Returns (solution, stored states or None)."""
-    pol = prob.policy
+    pol, tab, outputs = prob.policy, prob.tableau, prob.outputs
     state_dtype = pol.state_dtype
     n_steps = prob.n_steps
     y = y0.detach().to(state_dtype)
-    sol = torch.empty((t_out.shape[0], *y.shape), dtype=pol.output, device=y.device)
-    sol[0] = y
+    sol = outputs.allocate(y, pol.output)
     stored = torch.empty((n_steps, *y.shape), dtype=pol.storage, device=y.device) if store else None
-    grid = grid.detach()
-    t_out = t_out.detach()
+    grid, t_out = grid.detach(), t_out.detach()
     h_all = grid[1:] - grid[:-1]
-    h_float = h_all.tolist()  # one synchronisation; steps then use fused add(alpha=h*a_ij)
+    if prob.per_sample:
+        h_steps = [prob.h_for_state(h, y) for h in h_all]
+    else:
+        h_steps = h_all.tolist()  # one synchronisation; steps then use fused add(alpha=h*a_ij)
     times = prob.stage_time_table(grid).unbind(0)
+    # First-same-as-last: the last stage of a step is f(t_{n+1}, y_{n+1}) bit for bit (same
+    # coefficients, same operation order), so it is the next step's first stage.  Not with
+    # `perturb`, which evaluates the two at different sides of t_{n+1}.
+    fsal = tab.fsal and not prob.perturb
     nfe = 0
     k0 = None
     with prob.autocast():
@@ -234,38 +396,30 @@ def _forward(prob: _Problem, y0, grid, t_out, *, store: bool, probe: bool):
         for n in range(n_steps):
             if store:
                 stored[n] = y
-            t0, t1, h = grid[n], grid[n + 1], h_all[n]
             if prob.callback_step is not None:
-                prob.callback_step(t0, y, h)
-            y_next, ks = prob.step(y, times[n].unbind(0), h_float[n], k0 if n == 0 else None)
+                prob.callback_step(grid[n], y, h_all[n])
+            y_next, ks = prob.step(y, times[n].unbind(0), h_steps[n], k0)
             if n == 0 and ks[0].shape != y.shape:
                 raise ValueError(
                     f"the vector field returned shape {tuple(ks[0].shape)} for a state of shape {tuple(y.shape)}"
                 )
-            nfe += prob.tableau.stages - (1 if (n == 0 and k0 is not None) else 0)
-            outs = prob.out_steps.get(n)
-            if outs:
-                f1 = None
-                for j, exact in outs:
-                    if exact:
-                        sol[j] = y_next
-                        continue
-                    if prob.interp == "cubic" and f1 is None:
-                        f1 = prob.f(t1, y_next).to(state_dtype)
-                        nfe += 1
-                    sol[j] = prob.interpolate(t0, t1, y, y_next, ks[0], f1, t_out[j])
+            nfe += tab.stages - (k0 is not None)
+            entry = outputs.steps.get(n)
+            if entry is not None:
+                sd = StepData(prob, grid[n], grid[n + 1], h_all[n], y, y_next, ks)
+                outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, t_out, False)))
+            k0 = ks[-1] if fsal else None
             y = y_next
     rec = prob.record
-    rec.n_steps, rec.n_outputs, rec.forward_nfe = n_steps, t_out.shape[0], nfe
+    rec.n_steps, rec.n_outputs, rec.forward_nfe = n_steps, t_out.numel(), nfe + prob.nfe_extra
     rec.stored_bytes = 0 if stored is None else stored.numel() * stored.element_size()
     return sol, stored
 
 
 def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
     """The discrete adjoint.  ``needs`` = (y0, grid, t_out, *params) needs_input_grad flags."""
-    pol = prob.policy
+    pol, tab, outputs = prob.policy, prob.tableau, prob.outputs
     state_dtype, acc_dtype = pol.state_dtype, pol.accumulation
-    tab = prob.tableau
     need_grid, need_tout = needs[1], needs[2]
     need_time = need_grid or need_tout
     param_idx = [i for i, p in enumerate(params) if needs[3 + i]]
@@ -289,15 +443,16 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
 
     grid_d, t_out_d = grid.detach(), t_out.detach()
     h_all = grid_d[1:] - grid_d[:-1]
-    h_float = h_all.tolist()
-    times = None if need_time else prob.stage_time_table(grid_d).unbind(0)
+    h_steps = None
+    if not need_time:
+        times = prob.stage_time_table(grid_d).unbind(0)
+        h_steps = h_all.tolist() if not prob.per_sample else None
+    nfe_before = prob.nfe_extra
     nfe, steps_done = 0, 0
     # Steps after the last output with a non-zero cotangent carry a zero adjoint: skip them (one
     # host synchronisation per backward, e.g. a loss on an early part of the trajectory).
-    active = (g[1:].reshape(g.shape[0] - 1, -1) != 0).any(dim=1).tolist() if g.shape[0] > 1 else []
-    last_step = max((n for n, outs in prob.out_steps.items() if any(active[j - 1] for j, _ in outs)), default=-1)
-    for n in range(last_step, -1, -1):
-        outs = prob.out_steps.get(n, ())
+    for n in range(outputs.last_active_step(g), -1, -1):
+        entry = outputs.steps.get(n)
         y_n = stored[n].to(state_dtype).requires_grad_(True)
         if prob.callback_step_adjoint is not None:
             prob.callback_step_adjoint(grid_d[n], y_n.detach(), h_all[n])
@@ -307,29 +462,26 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
                 t0 = grid_d[n].clone().requires_grad_(True)
                 t1 = grid_d[n + 1].clone().requires_grad_(True)
                 h = t1 - t0
-                y_next, ks = prob.step(y_n, prob.stage_times(t0, t1, h), h.to(state_dtype))
+                y_next, ks = prob.step(y_n, prob.stage_times(t0, t1, h), prob.h_for_state(h, y_n))
             else:
-                t0, t1 = grid_d[n], grid_d[n + 1]
-                y_next, ks = prob.step(y_n, times[n].unbind(0), h_float[n])
+                t0, t1, h = grid_d[n], grid_d[n + 1], h_all[n]
+                hs = h_steps[n] if h_steps is not None else prob.h_for_state(h, y_n)
+                y_next, ks = prob.step(y_n, times[n].unbind(0), hs)
             nfe += tab.stages
-            roots, cot, t_leaves, t_idx = [y_next], [a], [], []
-            f1 = None
-            for j, exact in outs:
-                if exact:
-                    cot[0] = cot[0] + g[j]
-                else:
-                    tj = t_out_d[j].clone().requires_grad_(True) if need_tout else t_out_d[j]
-                    if prob.interp == "cubic" and f1 is None:
-                        f1 = prob.f(t1, y_next).to(state_dtype)
-                        nfe += 1
-                    roots.append(prob.interpolate(t0, t1, y_n, y_next, ks[0], f1, tj))
-                    cot.append(g[j])
-                    if need_tout:
-                        t_leaves.append(tj)
-                        t_idx.append(j)
+            roots, cot, t_leaves = [y_next], [a], []
+            if entry is not None:
+                t_leaves = outputs.times(entry, t_out_d, need_tout)
+                sd = StepData(prob, t0, t1, h, y_n, y_next, ks)
+                for v, c in zip(outputs.evaluate(entry, sd, t_leaves), outputs.cotangents(g, entry)):
+                    if v is y_next:  # an output that is y_{n+1} itself: fold its cotangent in
+                        cot[0] = cot[0] + c
+                    else:
+                        roots.append(v)
+                        cot.append(c)
         inputs = [y_n, *diff_params]
+        t_inputs = [tl for tl in t_leaves if tl is not None] if need_tout else []
         if need_time:
-            inputs += [t0, t1, *t_leaves]
+            inputs += [t0, t1, *t_inputs]
         for attempt in range(max_retries + 1):
             scaled_cot = [(c * scale if scale != 1.0 else c).to(state_dtype) for c in cot]
             grads = torch.autograd.grad(roots, inputs, scaled_cot, allow_unused=True, retain_graph=dynamic)
@@ -373,20 +525,19 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
                     g_grid[n] += gt[0].to(g_grid.dtype) * inv
                 if gt[1] is not None:
                     g_grid[n + 1] += gt[1].to(g_grid.dtype) * inv
-            if need_tout:
-                for j, gj in zip(t_idx, gt[2:]):
-                    if gj is not None:
-                        g_tout[j] += gj.to(g_tout.dtype) * inv
-        del grads, roots, y_next, ks, f1
+            if need_tout and entry is not None:
+                it = iter(gr * inv if gr is not None else None for gr in gt[2:])
+                outputs.add_time_grads(g_tout, entry, [None if tl is None else next(it) for tl in t_leaves])
+        del grads, roots, y_next, ks
         steps_done += 1
         if dynamic:
             clean_run += 1
             scale, clean_run = scaler._grow(scale, scaled_amax, clean_run)
-    g_y0 = a + g[0]
+    g_y0 = a + outputs.y0_cotangent(g)
     if dynamic:
         scaler._finish(first_clean_scale if steps_done else scale, backoffs)
     rec = prob.record
-    rec.backward_nfe += nfe
+    rec.backward_nfe += nfe + prob.nfe_extra - nfe_before
     rec.backward_steps += steps_done
     rec.scale_backoffs += backoffs
     rec.redone_steps += redone
@@ -422,19 +573,39 @@ class _GridAdjoint(torch.autograd.Function):
         )
 
 
-def _validate_times(grid: torch.Tensor, t_out: torch.Tensor):
-    for name, t in (("time grid", grid), ("output times", t_out)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 1:
-            raise ValueError(f"{name} must be a 1-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
-        if t.dtype not in (torch.float32, torch.float64):
-            raise ValueError(
-                f"{name} has dtype {t.dtype}; time must be float32 or float64 (a half-precision time "
-                "cannot resolve small steps: 1000.3 is 1000.0 in fp16)"
-            )
-    if grid.shape[0] < 2:
-        raise ValueError(f"the time grid needs at least 2 points, got {grid.shape[0]}")
-    if t_out.shape[0] < 1:
-        raise ValueError("at least one output time is needed")
+def _check_time_dtype(name, t):
+    if t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"{name} has dtype {t.dtype}; time must be float32 or float64 (a half-precision time "
+            "cannot resolve small steps: 1000.3 is 1000.0 in fp16)"
+        )
+
+
+def _run(prob: _Problem, y0, grid, t_out, params):
+    """Forward with the adjoint Function when a gradient can be asked for, plain forward otherwise."""
+    diff_params = tuple(p for p in params if p.requires_grad)
+    prob.params = diff_params
+    needs_graph = torch.is_grad_enabled() and (
+        y0.requires_grad or grid.requires_grad or t_out.requires_grad or bool(diff_params)
+    )
+    if not needs_graph:
+        # Still probe under grad mode: a closure over parameters with nothing else requiring grad
+        # would otherwise return a result without a graph, and the missing gradient would surface
+        # far from its cause.
+        sol, _ = _forward(prob, y0, grid, t_out, store=False, probe=torch.is_grad_enabled())
+        return sol
+    return _GridAdjoint.apply(prob, y0, grid, t_out, *diff_params)
+
+
+def _common_checks(y0, params, policy):
+    if not isinstance(y0, torch.Tensor) or not torch.is_floating_point(y0):
+        raise TypeError(f"y0 must be a floating-point tensor, got {getattr(y0, 'dtype', type(y0).__name__)}")
+    params = tuple(params)
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params must be tensors, got {type(p).__name__}")
+    policy.check_device(y0.device.type)
+    return params
 
 
 def solve_grid(
@@ -453,16 +624,16 @@ def solve_grid(
     callback_step_adjoint: Callable | None = None,
     method: str | None = None,
 ) -> torch.Tensor:
-    """Solve ``dy/dt = f(t, y)`` on ``grid`` and return the solution at ``t_out``.
+    """Solve ``dy/dt = f(t, y)`` on one shared time ``grid`` and return the solution at ``t_out``.
 
     Args:
         f: ``f(t, y)`` with ``t`` a 0-d tensor in full precision (the promotion of the grid's dtype and
             the state dtype) and ``y`` in the policy's state dtype; called under the policy's autocast.
         y0: initial state, any shape.
-        grid: increasing 1-D time grid, ``grid[0] == t_out[0]``.
+        grid: strictly increasing 1-D time grid, ``grid[0] == t_out[0]``.
         t_out: non-decreasing output times inside ``[grid[0], grid[-1]]``; ``t_out[0]`` returns ``y0``
             and ``t_out[j]`` for ``j >= 1`` is interpolated in the step with ``t_n < t_j <= t_{n+1}``
-            (``y_{n+1}`` itself when ``t_j == t_{n+1}``).
+            (``y_{n+1}`` itself when ``t_j == t_{n+1}`` and ``interp == "linear"``).
         tableau, policy: the method and the precision policy.
         params: tensors the adjoint differentiates besides ``y0`` and the times.  Tensors requiring
             grad that ``f`` uses but that are missing here raise a ``ValueError``.
@@ -477,13 +648,15 @@ def solve_grid(
     Returns:
         Tensor of shape ``(len(t_out), *y0.shape)`` in the policy's output dtype.
     """
-    if not isinstance(y0, torch.Tensor) or not torch.is_floating_point(y0):
-        raise TypeError(f"y0 must be a floating-point tensor, got {getattr(y0, 'dtype', type(y0).__name__)}")
+    params = _common_checks(y0, params, policy)
     if interp not in INTERPOLATIONS:
         raise ValueError(f"interp={interp!r} is not supported; choose one of {', '.join(INTERPOLATIONS)}")
-    _validate_times(grid, t_out)
-    device_type = y0.device.type
-    policy.check_device(device_type)
+    for name, t in (("time grid", grid), ("output times", t_out)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+        _check_time_dtype(name, t)
+    if grid.shape[0] < 2 or t_out.shape[0] < 1:
+        raise ValueError(f"need at least 2 grid points and 1 output time, got {grid.shape[0]} and {t_out.shape[0]}")
     time_dtype = torch.promote_types(torch.promote_types(grid.dtype, t_out.dtype), policy.state_dtype)
     grid_t = grid.to(device=y0.device, dtype=time_dtype)
     t_out_t = t_out.to(device=y0.device, dtype=time_dtype)
@@ -504,38 +677,55 @@ def solve_grid(
             "output times must be non-decreasing, start at the grid's first point and end inside the grid "
             f"(grid spans [{grid_cpu[0].item()}, {grid_cpu[-1].item()}], outputs [{tout_cpu[0].item()}, {tout_cpu[-1].item()}])"
         )
-    n_steps = grid_cpu.shape[0] - 1
-    out_steps: dict[int, list] = {}
-    if tout_cpu.shape[0] > 1:
-        step_of = torch.searchsorted(grid_cpu, tout_cpu[1:], side="left") - 1
-        step_of.clamp_(min=0)
-        # An output on a grid point is y_{n+1} itself with linear interpolation (torchdiffeq returns
-        # it without interpolating); the cubic formula is always applied, also as torchdiffeq does,
-        # so the one-sided time derivatives at grid points agree with the host's.
-        exact = (tout_cpu[1:] == grid_cpu[step_of + 1]) & (interp == "linear")
-        for j, (n, ex) in enumerate(zip(step_of.tolist(), exact.tolist()), start=1):
-            out_steps.setdefault(n, []).append((j, ex))
-
-    params = tuple(params)
-    for p in params:
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"params must be tensors, got {type(p).__name__}")
-    record = _new_record(method or f"rampde_{tableau.name}", policy.name)
     prob = _Problem(
-        f=f, tableau=tableau, policy=policy, params=params, interp=interp, perturb=bool(perturb),
-        scaler=scaler, callback_step=callback_step, callback_step_adjoint=callback_step_adjoint,
-        device_type=device_type, time_dtype=time_dtype, record=record, out_steps=out_steps,
-        n_steps=n_steps,
+        f=f, tableau=tableau, policy=policy, params=params, outputs=_SharedTimeOutputs(t_out_t, grid_cpu, interp),
+        perturb=bool(perturb), scaler=scaler, callback_step=callback_step,
+        callback_step_adjoint=callback_step_adjoint, device_type=y0.device.type,
+        record=_new_record(method or f"rampde_{tableau.name}", policy.name),
+        n_steps=grid_cpu.shape[0] - 1, per_sample=False,
     )
-    diff_params = tuple(p for p in params if p.requires_grad)
-    prob.params = diff_params
-    needs_graph = torch.is_grad_enabled() and (
-        y0.requires_grad or grid_t.requires_grad or t_out_t.requires_grad or bool(diff_params)
+    return _run(prob, y0, grid_t, t_out_t, params)
+
+
+def solve_batched(
+    f: Callable,
+    y0: torch.Tensor,
+    grid: torch.Tensor,
+    outputs: BatchedOutputs,
+    *,
+    tableau: ButcherTableau,
+    policy: PrecisionPolicy,
+    params: Sequence[torch.Tensor] = (),
+    scaler: AdjointScaler | None = None,
+    method: str | None = None,
+) -> torch.Tensor:
+    """Solve a batch of problems with one time grid per sample (torchode's layout).
+
+    Args:
+        f: ``f(t, y)`` with ``t`` of shape ``(B,)`` in the grid's dtype (the problem's time dtype, never
+            changed) and ``y`` of shape ``(B, ...)`` in the policy's state dtype.
+        y0: ``(B, ...)`` initial states.
+        grid: ``(N+1, B)`` per-sample times, monotone in each sample's direction; a sample that needs
+            fewer steps repeats its end time (zero-length steps leave its state unchanged).
+        outputs: the :class:`BatchedOutputs` plan (output times ``(B, M)`` and the interpolant).
+        tableau, policy, params, scaler, method: as in :func:`solve_grid`.
+
+    Returns:
+        ``(B, M, ...)`` solution at the output times, in the policy's output dtype.
+    """
+    params = _common_checks(y0, params, policy)
+    _check_time_dtype("time grid", grid)
+    t_eval = outputs.t_eval
+    if grid.ndim != 2 or grid.shape[1] != y0.shape[0] or grid.shape[0] < 2:
+        raise ValueError(f"per-sample grid must have shape (N+1, B={y0.shape[0]}) with N >= 1, got {tuple(grid.shape)}")
+    if t_eval.ndim != 2 or t_eval.shape[0] != y0.shape[0] or t_eval.dtype != grid.dtype:
+        raise ValueError(f"output times must have shape (B={y0.shape[0]}, M) and the grid's dtype {grid.dtype}")
+    grid_cpu = grid.detach().cpu()
+    outputs.plan(grid_cpu)
+    prob = _Problem(
+        f=f, tableau=tableau, policy=policy, params=params, outputs=outputs, perturb=False, scaler=scaler,
+        callback_step=None, callback_step_adjoint=None, device_type=y0.device.type,
+        record=_new_record(method or f"rampde_{tableau.name}", policy.name),
+        n_steps=grid_cpu.shape[0] - 1, per_sample=True,
     )
-    if not needs_graph:
-        # Still probe under grad mode: a closure over parameters with nothing else requiring grad
-        # would otherwise return a result without a graph, and the missing gradient would surface
-        # far from its cause.
-        sol, _ = _forward(prob, y0, grid_t, t_out_t, store=False, probe=torch.is_grad_enabled())
-        return sol
-    return _GridAdjoint.apply(prob, y0, grid_t, t_out_t, *diff_params)
+    return _run(prob, y0, grid, t_eval, params)

@@ -192,6 +192,12 @@ class ButcherTableau:
         """Number of function evaluations per step."""
         return len(self.b)
 
+    @property
+    def fsal(self) -> bool:
+        """First same as last: the last stage is evaluated at (t_{n+1}, y_{n+1}) (e.g. Dormand--Prince)."""
+        s = self.stages
+        return s > 1 and self.c[-1] == 1.0 and self.b[-1] == 0.0 and self.a[-1] == self.b[:-1]
+
     def same_coefficients(self, other: "ButcherTableau", tol: float = 1e-14) -> bool:
         """True when ``other`` has the same (c, A, b) to ``tol`` (used to merge host tableaus)."""
         if self.stages != other.stages:
