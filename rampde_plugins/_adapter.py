@@ -36,6 +36,32 @@ class HostAdapter:
 
     def __init__(self) -> None:
         self.installed = False
+        self._patches: list[tuple[object, str, object, object]] = []
+        self._entries: list[tuple[dict, str, object]] = []
+
+    # -- reversible patching (used by install/uninstall) ---------------------------------------
+    def _patch_attr(self, owner, name: str, replacement) -> object:
+        """Set ``owner.name = replacement``, remembering the original; returns the original."""
+        original = getattr(owner, name)
+        setattr(owner, name, replacement)
+        self._patches.append((owner, name, original, replacement))
+        return original
+
+    def _add_entry(self, table: dict, key: str, value) -> None:
+        """Add ``table[key] = value`` (a method table of the host), remembering it."""
+        table[key] = value
+        self._entries.append((table, key, value))
+
+    def _undo(self) -> None:
+        """Restore what ``_patch_attr``/``_add_entry`` changed -- only where nobody changed it since."""
+        for table, key, value in reversed(self._entries):
+            if table.get(key) is value:
+                del table[key]
+        for owner, name, original, replacement in reversed(self._patches):
+            if getattr(owner, name, None) is replacement:
+                setattr(owner, name, original)
+        self._entries.clear()
+        self._patches.clear()
 
     def host_available(self) -> bool:
         return importlib.util.find_spec(self.host_module) is not None

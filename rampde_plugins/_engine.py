@@ -257,6 +257,7 @@ class _Problem:
     record: object
     n_steps: int
     per_sample: bool
+    param_hint: str = "pass them explicitly as parameters"
     nfe_extra: int = 0
 
     def autocast(self):
@@ -349,15 +350,14 @@ def _foreign_leaves(out: torch.Tensor, params, passed) -> list:
     return refs
 
 
-def _raise_if_alive(refs) -> None:
+def _raise_if_alive(refs, hint: str) -> None:
     hidden = [v for v in (r() for r in refs) if v is not None]
     if hidden:
         shapes = ", ".join(str(tuple(v.shape)) for v in hidden[:5])
         raise ValueError(
             f"the vector field uses {len(hidden)} tensor(s) that require grad but are not among the "
             f"parameters rampde differentiates (shapes: {shapes}). The discrete adjoint only returns "
-            "gradients for parameters it knows: make the function an nn.Module that owns them, or pass "
-            "them explicitly, e.g. options={'adjoint_params': (A, b)} in torchdiffeq."
+            f"gradients for parameters it knows: make the function an nn.Module that owns them, or {hint}."
         )
 
 
@@ -391,7 +391,7 @@ def _forward(prob: _Problem, y0, grid, t_out, *, store: bool, probe: bool):
                 k0 = prob.f(t_first, y)
                 refs = _foreign_leaves(k0, prob.params, (y, t_first))
             k0 = k0.detach().to(state_dtype)  # drops the probe's graph before the liveness check
-            _raise_if_alive(refs)
+            _raise_if_alive(refs, prob.param_hint)
             nfe += 1
         for n in range(n_steps):
             if store:
@@ -623,6 +623,7 @@ def solve_grid(
     callback_step: Callable | None = None,
     callback_step_adjoint: Callable | None = None,
     method: str | None = None,
+    param_hint: str = "pass them in params",
 ) -> torch.Tensor:
     """Solve ``dy/dt = f(t, y)`` on one shared time ``grid`` and return the solution at ``t_out``.
 
@@ -644,6 +645,7 @@ def solve_grid(
         callback_step: ``callback(t0, y0, dt)`` before each forward step.
         callback_step_adjoint: ``callback(t0, y0, dt)`` before each backward step.
         method: name recorded in the statistics.
+        param_hint: how the caller's API declares parameters (ends the hidden-parameter error).
 
     Returns:
         Tensor of shape ``(len(t_out), *y0.shape)`` in the policy's output dtype.
@@ -682,7 +684,7 @@ def solve_grid(
         perturb=bool(perturb), scaler=scaler, callback_step=callback_step,
         callback_step_adjoint=callback_step_adjoint, device_type=y0.device.type,
         record=_new_record(method or f"rampde_{tableau.name}", policy.name),
-        n_steps=grid_cpu.shape[0] - 1, per_sample=False,
+        n_steps=grid_cpu.shape[0] - 1, per_sample=False, param_hint=param_hint,
     )
     return _run(prob, y0, grid_t, t_out_t, params)
 
@@ -698,6 +700,7 @@ def solve_batched(
     params: Sequence[torch.Tensor] = (),
     scaler: AdjointScaler | None = None,
     method: str | None = None,
+    param_hint: str = "pass them in params",
 ) -> torch.Tensor:
     """Solve a batch of problems with one time grid per sample (torchode's layout).
 
@@ -708,7 +711,7 @@ def solve_batched(
         grid: ``(N+1, B)`` per-sample times, monotone in each sample's direction; a sample that needs
             fewer steps repeats its end time (zero-length steps leave its state unchanged).
         outputs: the :class:`BatchedOutputs` plan (output times ``(B, M)`` and the interpolant).
-        tableau, policy, params, scaler, method: as in :func:`solve_grid`.
+        tableau, policy, params, scaler, method, param_hint: as in :func:`solve_grid`.
 
     Returns:
         ``(B, M, ...)`` solution at the output times, in the policy's output dtype.
@@ -726,6 +729,6 @@ def solve_batched(
         f=f, tableau=tableau, policy=policy, params=params, outputs=outputs, perturb=False, scaler=scaler,
         callback_step=None, callback_step_adjoint=None, device_type=y0.device.type,
         record=_new_record(method or f"rampde_{tableau.name}", policy.name),
-        n_steps=grid_cpu.shape[0] - 1, per_sample=True,
+        n_steps=grid_cpu.shape[0] - 1, per_sample=True, param_hint=param_hint,
     )
     return _run(prob, y0, grid, t_eval, params)

@@ -37,6 +37,7 @@ class Registry:
         self._policies: dict[str, tuple[PrecisionPolicy, str]] = {}
         self._tableaus: dict[str, tuple[ButcherTableau, str]] = {}
         self._adapters: dict[str, tuple[HostAdapter, str]] = {}
+        self._shared: dict[str, bool] = {}
 
     # read-only views
     @property
@@ -92,10 +93,28 @@ class _Registrar:
             raise TypeError(f"add_policy expects a PrecisionPolicy, got {type(policy).__name__} from plugin {self.plugin!r}")
         self._registry._add(self._registry._policies, "precision policy", policy.name, policy, self.plugin)
 
-    def add_tableau(self, tableau: ButcherTableau) -> None:
+    def add_tableau(self, tableau: ButcherTableau, *, shared: bool = False) -> None:
+        """Register a method.
+
+        ``shared=True`` marks a well-known method that other plugins may register too (e.g.
+        Dormand--Prince ``dopri5``, defined by both torchdiffeq and torchode): a second shared
+        registration with the same coefficients is merged into one method (the providers are
+        recorded); different coefficients under the same name raise a ``ValueError``.
+        """
         if not isinstance(tableau, ButcherTableau):
             raise TypeError(f"add_tableau expects a ButcherTableau, got {type(tableau).__name__} from plugin {self.plugin!r}")
-        self._registry._add(self._registry._tableaus, "method", tableau.name, tableau, self.plugin)
+        table = self._registry._tableaus
+        existing = table.get(tableau.name)
+        if shared and existing is not None and self._registry._shared.get(tableau.name):
+            if not existing[0].same_coefficients(tableau, tol=1e-12):
+                raise ValueError(
+                    f"method {tableau.name!r} is registered by plugin {existing[1]!r} and by plugin {self.plugin!r} "
+                    "with different coefficients"
+                )
+            table[tableau.name] = (existing[0], f"{existing[1]}, {self.plugin}")
+            return
+        self._registry._add(table, "method", tableau.name, tableau, self.plugin)
+        self._registry._shared[tableau.name] = shared
 
     def add_adapter(self, adapter: HostAdapter) -> None:
         if not isinstance(adapter, HostAdapter):

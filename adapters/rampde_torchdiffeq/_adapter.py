@@ -102,9 +102,7 @@ class TorchdiffeqAdapter(HostAdapter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._solvers: dict | None = None
-        self._added: dict[str, type] = {}
-        self._patches: list[tuple[object, str, object, object]] = []
+        self._added: set[str] = set()
         self._adjoint_backward_code = None
 
     # -- capability checks ---------------------------------------------------------------------
@@ -147,11 +145,9 @@ class TorchdiffeqAdapter(HostAdapter):
         clash = [k for k in wanted if k in solvers and not getattr(solvers[k], "_rampde", False)]
         if clash:
             raise UnsupportedHostError(f"torchdiffeq already defines method(s) {clash}; rampde will not replace them")
-        self._solvers = solvers
         for key, tab in wanted.items():
-            cls = make_solver_class(tab)
-            solvers[key] = cls
-            self._added[key] = cls
+            self._add_entry(solvers, key, make_solver_class(tab))
+            self._added.add(key)
         self._patch(odeint_mod, "_check_inputs", in_adjoint=False)
         if adjoint_mod is not None and callable(getattr(adjoint_mod, "_check_inputs", None)):
             self._patch(adjoint_mod, "_check_inputs", in_adjoint=True)
@@ -161,14 +157,8 @@ class TorchdiffeqAdapter(HostAdapter):
     def uninstall(self) -> None:
         if not self.installed:
             return
-        for key, cls in self._added.items():
-            if self._solvers.get(key) is cls:
-                del self._solvers[key]
+        self._undo()
         self._added.clear()
-        for module, attr, original, replacement in reversed(self._patches):
-            if getattr(module, attr, None) is replacement:
-                setattr(module, attr, original)
-        self._patches.clear()
         self.installed = False
 
     def _patch(self, module, attr: str, in_adjoint: bool) -> None:
@@ -188,8 +178,7 @@ class TorchdiffeqAdapter(HostAdapter):
                 validate_call(method, bound.get("y0"), bound.get("t"), bound.get("options"))
             return original(*args, **kwargs)
 
-        setattr(module, attr, _check_inputs)
-        self._patches.append((module, attr, original, _check_inputs))
+        self._patch_attr(module, attr, _check_inputs)
 
     def _inside_adjoint_backward(self) -> bool:
         code = self._adjoint_backward_code

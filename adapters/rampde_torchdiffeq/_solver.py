@@ -150,6 +150,7 @@ class RampdeFixedGridSolver:
             callback_step=callback,
             callback_step_adjoint=getattr(self.func, "callback_step_adjoint", None),
             method=self.method,
+            param_hint="pass them explicitly: options={'adjoint_params': (A, b)}",
         )
 
     def integrate_until_event(self, t0, event_fn):

@@ -1,0 +1,144 @@
+"""Install/uninstall of the rampde methods in torchode.
+
+What is patched, and why it is the minimum:
+
+* ``torchode.interface.METHODS`` gets ``rampde_<name>`` for every registered tableau (through
+  torchode's own ``register_method``), so ``solve_ivp(method="rampde_rk4")`` finds them.
+* ``torchode.interface.AutoDiffAdjoint`` -- the name ``solve_ivp`` looks up on every call -- becomes a
+  dispatcher: a ``rampde_<name>`` step method gets :class:`RampdeAdjoint`, every other method gets
+  torchode's own ``AutoDiffAdjoint`` unchanged.  This works whatever the import order of the user's
+  ``from torchode import solve_ivp``.
+* ``torchode.solve_ivp`` / ``torchode.interface.solve_ivp`` are wrapped only to give rampde methods a
+  sensible default controller: a method without an error estimate (``rampde_rk4``) has no use for
+  torchode's default PID controller, so ``controller=None`` means ``FixedStepController()`` for it.
+
+``uninstall`` restores all of it (and only where nobody replaced it since).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+
+from rampde_plugins import HostAdapter, UnsupportedHostError
+
+PREFIX = "rampde_"
+
+# Tableaus torchode defines: registered by this plugin (shared with other hosts by name) and solved
+# with torchode's own dense output when called through torchode.
+HOST_METHODS: dict = {}
+
+
+def host_tableaus():
+    """torchode's Dopri5 and Tsit5 as rampde tableaus (shared names: torchdiffeq has a dopri5 too)."""
+    from torchode import Dopri5, Tsit5
+
+    from ._adjoint import _tableau_of_class
+    from rampde_plugins import ButcherTableau
+
+    out = []
+    for name, cls, order in (("dopri5", Dopri5, 5), ("tsit5", Tsit5, 5)):
+        t = _tableau_of_class(cls, order)
+        out.append(ButcherTableau(name, c=t.c, a=t.a, b=t.b, order=order, b_err=t.b_err,
+                                  description=f"{cls.__name__} (torchode's coefficients)"))
+        HOST_METHODS[name] = cls
+    return out
+
+
+class TorchodeAdapter(HostAdapter):
+    """Puts every registered tableau into torchode as ``rampde_<name>``."""
+
+    name = "torchode"
+    host_module = "torchode"
+    host_distribution = "torchode"
+    supported = ">=0.2.0,<1.1"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._added: set[str] = set()
+
+    def _host(self):
+        try:
+            interface = importlib.import_module("torchode.interface")
+            torchode = importlib.import_module("torchode")
+        except ImportError as exc:
+            raise UnsupportedHostError(f"cannot import torchode ({exc}); supported: {self.supported}") from None
+        needs = {
+            "METHODS dict": isinstance(getattr(interface, "METHODS", None), dict),
+            "register_method": callable(getattr(interface, "register_method", None)),
+            "solve_ivp": callable(getattr(interface, "solve_ivp", None)),
+            "AutoDiffAdjoint": isinstance(getattr(interface, "AutoDiffAdjoint", None), type),
+            "FixedStepController": hasattr(torchode, "FixedStepController"),
+            "ExplicitRungeKutta": hasattr(importlib.import_module("torchode.single_step_methods.runge_kutta"), "ERKInterpolationData"),
+        }
+        missing = [k for k, ok in needs.items() if not ok]
+        if missing:
+            raise UnsupportedHostError(
+                f"torchode {self.host_version()} lacks {', '.join(missing)}; supported: {self.supported}"
+            )
+        return interface, torchode
+
+    def owns(self, method) -> bool:
+        return isinstance(method, str) and method in self._added
+
+    def methods(self) -> list[str]:
+        return sorted(self._added)
+
+    def install(self, registry) -> None:
+        if self.installed:
+            return
+        interface, torchode = self._host()
+        from ._adjoint import RampdeAdjoint, RampdeStepMethod
+
+        clash = [PREFIX + n for n in registry.tableaus if PREFIX + n in interface.METHODS]
+        if clash:
+            raise UnsupportedHostError(f"torchode already defines method(s) {clash}; rampde will not replace them")
+        for name in registry.tableaus:
+            key = PREFIX + name
+            interface.register_method(key, functools.partial(RampdeStepMethod, name))
+            self._entries.append((interface.METHODS, key, interface.METHODS[key]))
+            self._added.add(key)
+
+        original_adjoint = interface.AutoDiffAdjoint
+
+        def AutoDiffAdjoint(step_method, step_size_controller, **kwargs):  # noqa: N802 (torchode's name)
+            if isinstance(step_method, RampdeStepMethod):
+                return RampdeAdjoint(step_method, step_size_controller, **kwargs)
+            return original_adjoint(step_method, step_size_controller, **kwargs)
+
+        AutoDiffAdjoint.__doc__ = f"Dispatch: rampde_* methods -> RampdeAdjoint, others -> {original_adjoint!r}."
+        self._patch_attr(interface, "AutoDiffAdjoint", AutoDiffAdjoint)
+
+        original_solve = interface.solve_ivp
+        signature = inspect.signature(original_solve)
+        adapter = self
+
+        @functools.wraps(original_solve)
+        def solve_ivp(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            method = bound.arguments.get("method")
+            if adapter.owns(method) and bound.arguments.get("controller") is None:
+                tableau = registry.tableau(method[len(PREFIX):]) if method[len(PREFIX):] in registry.tableaus else None
+                if tableau is not None and tableau.b_err is not None:
+                    raise NotImplementedError(
+                        f"solve_ivp(method={method!r}) without a controller would be adaptive; adaptive steps on the "
+                        "rampde engine are not implemented yet. Pass controller=torchode.FixedStepController() and dt0."
+                    )
+                bound.arguments["controller"] = torchode.FixedStepController()
+            return original_solve(*bound.args, **bound.kwargs)
+
+        self._patch_attr(interface, "solve_ivp", solve_ivp)
+        if getattr(torchode, "solve_ivp", None) is original_solve:
+            self._patch_attr(torchode, "solve_ivp", solve_ivp)
+        self.installed = True
+
+    def uninstall(self) -> None:
+        if not self.installed:
+            return
+        self._undo()
+        self._added.clear()
+        self.installed = False
+
+
+__all__ = ["TorchodeAdapter", "HOST_METHODS", "host_tableaus"]

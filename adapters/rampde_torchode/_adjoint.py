@@ -1,0 +1,284 @@
+"""``RampdeAdjoint``: torchode's ``AutoDiffAdjoint`` interface on the rampde engine.
+
+torchode semantics kept: batch-first ``(batch, features)`` states; per-sample ``t_start``, ``t_end``,
+``t_eval`` and ``dt0`` (samples may differ in span, number of steps and direction); ``f`` receives
+``t`` of shape ``(batch,)`` in the problem's time dtype; outputs use the step method's own dense
+output; ``Solution(ts, ys, stats, status)``.  The time grid is built with torchode's own arithmetic
+(``t <- t + dt`` with the last step clamped to ``t_end``), so fixed-step solutions agree with
+``AutoDiffAdjoint`` to rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torchode import status_codes
+from torchode.interpolation import ThirdOrderPolynomialInterpolation
+from torchode.single_step_methods import Euler
+from torchode.single_step_methods.euler import LinearInterpolationData
+from torchode.single_step_methods.runge_kutta import ERKInterpolationData, ExplicitRungeKutta
+from torchode.solution import Solution
+from torchode.step_size_controllers import FixedStepController
+from torchode.terms import ODETerm
+
+from rampde_plugins import AdjointScaler, BatchedOutputs, ButcherTableau, get_registry, resolve_policy, solve_batched
+from rampde_plugins._tableau import BUILTIN_TABLEAUS
+
+PARAM_HINT = "pass them explicitly: RampdeAdjoint(step_method, controller, params=(A, b))"
+_EULER = next(t for t in BUILTIN_TABLEAUS if t.name == "euler")
+
+
+class RampdeStepMethod(torch.nn.Module):
+    """The step method torchode's ``solve_ivp(method="rampde_<name>")`` constructs.
+
+    It only names a registered tableau; the solving is done by :class:`RampdeAdjoint`, to which the
+    adapter routes every solve whose step method is one of these.
+    """
+
+    def __init__(self, tableau_name: str, term: ODETerm | None = None):
+        super().__init__()
+        self.tableau_name = tableau_name
+        self.term = term
+
+    @property
+    def tableau(self) -> ButcherTableau:
+        return get_registry().tableau(self.tableau_name)
+
+    def convergence_order(self) -> int:
+        return self.tableau.order
+
+    def __repr__(self):
+        return f"RampdeStepMethod('rampde_{self.tableau_name}')"
+
+
+@functools.lru_cache(maxsize=None)
+def _tableau_of_class(cls, order: int) -> ButcherTableau:
+    t = cls.TABLEAU if hasattr(cls, "TABLEAU") else None
+    if t is None:
+        raise TypeError(f"{cls.__name__} has no TABLEAU")
+    s = t.c.shape[0]
+    return ButcherTableau(
+        f"torchode_{cls.__name__.lower()}",
+        c=t.c.tolist(),
+        a=[t.a[i, :i].tolist() for i in range(s)],
+        b=t.b.tolist(),
+        order=order,
+        b_err=t.b_err.tolist(),
+        description=f"torchode's {cls.__name__}",
+    )
+
+
+def tableau_of(step_method) -> ButcherTableau:
+    """The Butcher tableau of a torchode step method (Euler, Heun, Dopri5, Tsit5, any ERK) or of ours."""
+    if isinstance(step_method, RampdeStepMethod):
+        return step_method.tableau
+    if isinstance(step_method, Euler):
+        return _EULER
+    if isinstance(step_method, ExplicitRungeKutta):
+        t = step_method.tableau
+        s = t.c.shape[0]
+        if type(step_method).__dict__.get("TABLEAU") is t or getattr(type(step_method), "TABLEAU", None) is t:
+            return _tableau_of_class(type(step_method), int(step_method.convergence_order()))
+        return ButcherTableau(
+            f"torchode_{type(step_method).__name__.lower()}",
+            c=t.c.tolist(), a=[t.a[i, :i].tolist() for i in range(s)], b=t.b.tolist(),
+            order=int(step_method.convergence_order()), b_err=t.b_err.tolist(),
+        )
+    raise TypeError(
+        f"RampdeAdjoint cannot run step method {type(step_method).__name__}: supported are torchode's "
+        "Euler and explicit Runge-Kutta methods (Heun, Dopri5, Tsit5, any ExplicitRungeKutta) and "
+        "the registered 'rampde_<name>' methods"
+    )
+
+
+def _host_method_for(step_method):
+    """The torchode method object whose dense output the outputs use (None: cubic Hermite)."""
+    if isinstance(step_method, RampdeStepMethod):
+        from ._adapter import HOST_METHODS  # tableaus that torchode itself defines
+
+        cls = HOST_METHODS.get(step_method.tableau_name)
+        return None if cls is None else cls(None)
+    return step_method
+
+
+def make_interpolant(step_method, problem):
+    """``callable(StepData) -> interpolation`` following the host method's dense output."""
+    host = _host_method_for(step_method)
+    if isinstance(host, Euler):
+        return lambda sd: host.build_interpolation(LinearInterpolationData(sd.t0, sd.h, sd.y0, sd.y1))
+    if isinstance(host, ExplicitRungeKutta):
+        tab = None
+
+        def interp(sd):
+            nonlocal tab
+            if tab is None:
+                tab = host.tableau.to(device=sd.y0.device, time_dtype=sd.t0.dtype, data_dtype=sd.y0.dtype)
+            return host.build_interpolation(ERKInterpolationData(tab, sd.t0, sd.h, sd.y0, sd.y1, torch.stack(sd.ks)))
+
+        return interp
+    # A registered tableau torchode has no method for: cubic Hermite with the true end slope
+    # f(t1, y1) (one evaluation per step that holds outputs), in torchode's own polynomial form.
+    return lambda sd: ThirdOrderPolynomialInterpolation.from_k(sd.t0, sd.h, sd.y0, sd.y1, torch.stack([sd.ks[0], sd.f_end()]))
+
+
+def fixed_step_grid(t_start, t_end, dt0, max_steps):
+    """torchode's fixed-step time sequence, per sample, and where each sample stopped.
+
+    Mirrors ``AutoDiffAdjoint.solve`` with ``FixedStepController``: ``t <- t + dt`` while running, with
+    ``dt`` clamped to the remaining span (so the last step lands on ``t_end``), finished samples
+    taking zero-length steps.  Returns ``(grid (N+1, B), anchored_at_end (N+1, B), n_steps (B,),
+    reached_max (bool))``; ``anchored_at_end`` marks points produced by a step clamped to ``t_end``
+    (their derivative with respect to the times is that of ``t_end``, the others that of ``t_start``).
+    """
+    with torch.no_grad():
+        direction = torch.where(t_end > t_start, 1, -1).to(t_start.dtype)
+        t_min, t_max = torch.minimum(t_start, t_end), torch.maximum(t_start, t_end)
+        minus_t_end_normalized = -direction * t_end
+        t = t_start.clone()
+        dt = torch.clamp(dt0, t_min - t, t_max - t)
+        anchored = dt != dt0
+        rows, anchors = [t], [torch.zeros_like(t, dtype=torch.bool)]
+        running = torch.addcmul(minus_t_end_normalized, direction, t) < 0.0
+        n_steps = torch.zeros_like(t, dtype=torch.long)
+        reached_max = False
+        while bool(running.any()):
+            if max_steps is not None and int(n_steps.max()) >= max_steps:
+                reached_max = True
+                break
+            n_steps += running
+            t = torch.where(running, t + dt, t)
+            rows.append(t)
+            anchors.append(anchors[-1] | (anchored & running))
+            running = torch.addcmul(minus_t_end_normalized, direction, t) < 0.0
+            dt = torch.where(running, dt0, dt)
+            clamped = torch.clamp(dt, t_min - t, t_max - t)
+            anchored = clamped != dt
+            dt = clamped
+        if len(rows) == 1:  # every span is empty: one zero-length step keeps the engine's shapes
+            rows.append(t)
+            anchors.append(anchors[0])
+    return torch.stack(rows), torch.stack(anchors), n_steps, reached_max
+
+
+class RampdeAdjoint(torch.nn.Module):
+    """Use where torchode's ``AutoDiffAdjoint`` is used; runs the rampde engine.
+
+    Args:
+        step_method: a torchode step method (``Euler``, ``Heun``, ``Dopri5``, ``Tsit5``, any
+            ``ExplicitRungeKutta``) -- its Butcher tableau is read and run on the engine -- or a
+            ``rampde_<name>`` method from ``torchode.interface.METHODS``.
+        step_size_controller: ``torchode.FixedStepController()``.  Adaptive controllers arrive with
+            the adaptive-steps work and raise ``NotImplementedError`` until then.
+        max_steps: stop after this many steps (status ``REACHED_MAX_STEPS`` for unfinished samples).
+        precision: policy name or ``PrecisionPolicy`` (default: from ``torch.autocast``/``y0``'s dtype).
+        params: tensors to differentiate (default: the term's parameters, i.e. those of ``f`` when it
+            is an ``nn.Module``).  Tensors requiring grad that ``f`` uses otherwise raise an error.
+        scaler: a persistent :class:`rampde_plugins.AdjointScaler` for the ``fp16`` policy.
+
+    ``solve(problem, term=None, dt0=None, args=None)`` returns a torchode ``Solution``; its ``stats``
+    has torchode's keys (``n_f_evals``, ``n_steps``, ``n_accepted``, ``n_initialized``) plus
+    ``rampde`` (the solve's :class:`rampde_plugins.SolveStats`, filled in by the backward too).
+    """
+
+    def __init__(self, step_method, step_size_controller, *, max_steps=None, precision=None, params=None,
+                 scaler=None, backprop_through_step_size_control=True):
+        super().__init__()
+        tableau_of(step_method)  # fail early on an unsupported method
+        if scaler is not None and not isinstance(scaler, AdjointScaler):
+            raise TypeError(f"scaler must be a rampde_plugins.AdjointScaler, got {type(scaler).__name__}")
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"max_steps={max_steps!r} must be a positive int or None")
+        self.step_method = step_method
+        self.step_size_controller = step_size_controller
+        self.max_steps = max_steps
+        self.precision = precision
+        self.params = None if params is None else tuple(params)
+        self.scaler = scaler
+
+    def solve(self, problem, term=None, dt0=None, args=None) -> Solution:
+        method = self.step_method
+        term = term if term is not None else getattr(method, "term", None)
+        if term is None:
+            raise ValueError("no ODE term: pass term= to solve() or construct the step method with one")
+        if not isinstance(self.step_size_controller, FixedStepController):
+            raise NotImplementedError(
+                f"RampdeAdjoint with {type(self.step_size_controller).__name__}: adaptive step-size control on the "
+                "rampde engine is not implemented yet; use torchode.FixedStepController() with dt0"
+            )
+        y0 = problem.y0
+        if y0.ndim != 2:
+            raise ValueError(f"y0 must be (batch, features) as in torchode, got shape {tuple(y0.shape)}; flatten it")
+        t_start, t_end, t_eval = problem.t_start, problem.t_end, problem.t_eval
+        time_dtype = t_start.dtype
+        if time_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"time dtype {time_dtype}: use float32 or float64 (fp16 time cannot resolve small steps)")
+        batch = y0.shape[0]
+        if dt0 is None:
+            raise ValueError(
+                f"fixed-step solving with {method!r} needs dt0 (torchode would pick a ~1e-9 step for a "
+                "method without error estimate): pass dt0=h, a number or a (batch,) tensor"
+            )
+        dt0 = torch.as_tensor(dt0, dtype=time_dtype, device=y0.device).expand(batch)
+        direction = torch.where(t_end > t_start, 1, -1).to(time_dtype)
+        bad = ~((dt0 * direction > 0) & torch.isfinite(dt0))
+        if bool(bad.any()):
+            b = int(torch.nonzero(bad)[0])
+            raise ValueError(
+                f"dt0 must be finite, non-zero and point from t_start to t_end; sample {b} has dt0={dt0[b].item()!r} "
+                f"for t_start={t_start[b].item()!r}, t_end={t_end[b].item()!r}"
+            )
+        if t_eval is None:
+            t_eval = t_end[:, None]
+        else:
+            lo = torch.minimum(t_start, t_end)[:, None]
+            hi = torch.maximum(t_start, t_end)[:, None]
+            outside = (t_eval < lo) | (t_eval > hi)
+            if bool(outside.any()):
+                b, j = (int(x) for x in torch.nonzero(outside)[0])
+                raise ValueError(
+                    f"t_eval[{b}, {j}]={t_eval[b, j].item()!r} lies outside sample {b}'s span "
+                    f"[{t_start[b].item()!r}, {t_end[b].item()!r}]"
+                )
+        policy = resolve_policy(self.precision, device_type=y0.device.type, state_dtype=y0.dtype)
+        grid_values, anchored, n_steps, reached_max = fixed_step_grid(t_start, t_end, dt0, self.max_steps)
+        # Exact values with torchode's arithmetic; derivatives: d grid / d t_start = 1 before the
+        # clamped last step, d grid / d t_end = 1 from it on (the step size dt0 is a constant).
+        anchored = anchored.to(time_dtype)
+        grid = grid_values + (1 - anchored) * (t_start - t_start.detach()) + anchored * (t_end - t_end.detach())
+
+        f = term.f
+        if term.with_args:
+            f = functools.partial(_with_args, term.f, args)
+        params = self.params if self.params is not None else tuple(term.parameters())
+        tableau = tableau_of(method)
+        outputs = BatchedOutputs(t_eval, make_interpolant(method, problem))
+        from rampde_plugins import collect_stats
+
+        with collect_stats() as collected:
+            ys = solve_batched(
+                f, y0, grid, outputs, tableau=tableau, policy=policy, params=params, scaler=self.scaler,
+                method=f"rampde_{tableau.name}" if isinstance(method, RampdeStepMethod) else tableau.name,
+                param_hint=PARAM_HINT,
+            )
+        record = collected.last
+        status = torch.full((batch,), status_codes.SUCCESS, dtype=torch.long, device=y0.device)
+        if reached_max:
+            status = torch.where(n_steps >= self.max_steps, status_codes.REACHED_MAX_STEPS, status)
+        initialized = ~torch.isnan(ys.detach().reshape(batch, ys.shape[1], -1)).any(dim=2)
+        stats = {
+            "n_f_evals": torch.full((batch,), record.forward_nfe, dtype=torch.long),
+            "n_steps": n_steps.to(y0.device),
+            "n_accepted": n_steps.to(y0.device),
+            "n_initialized": initialized.long().cumprod(dim=1).sum(dim=1),
+            "rampde": record,
+        }
+        return Solution(ts=t_eval, ys=ys, stats=stats, status=status)
+
+    def __repr__(self):
+        return (f"RampdeAdjoint(step_method={self.step_method}, step_size_controller={self.step_size_controller}, "
+                f"max_steps={self.max_steps}, precision={self.precision!r})")
+
+
+def _with_args(f, args, t, y):
+    return f(t, y, args)
