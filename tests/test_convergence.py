@@ -12,7 +12,7 @@ from .helpers import ALL_METHODS
 
 
 def _observed_order(method, steps=(10, 20, 40, 80, 160)):
-    # y' = -y + sin(3t), y(0) = 1  ->  y(t) = 1.3 e^-t + (sin 3t - 3 cos 3t) / 10.  Non-autonomous, so
+    # y' = -y + sin(3t)  ->  y(t) = (y0 + 0.3) e^-t + (sin 3t - 3 cos 3t) / 10.  Non-autonomous, so
     # wrong stage times (c) lose order, and free of the error cancellations that make the local
     # order of e.g. Tsit5 on y' = cos(t) y read 5.4-5.8 in this range.  Errors stay above 1e-14
     # (well clear of fp64 round-off) for every built-in method at 160 steps.
