@@ -4,9 +4,11 @@ Loaded through the ``rampde_plugins`` entry-point group like any third-party plu
 :class:`TorchdiffeqAdapter`, which ``import rampde_plugins`` installs when torchdiffeq is importable.
 """
 
+import importlib.util
+
 from rampde_plugins import hookimpl
 
-from ._adapter import TorchdiffeqAdapter, validate_call
+from ._adapter import TorchdiffeqAdapter, host_tableaus, validate_call
 from ._solver import OPTIONS, RampdeFixedGridSolver, parse_options
 
 __all__ = ["OPTIONS", "RampdeFixedGridSolver", "TorchdiffeqAdapter", "parse_options", "validate_call"]
@@ -15,3 +17,11 @@ __all__ = ["OPTIONS", "RampdeFixedGridSolver", "TorchdiffeqAdapter", "parse_opti
 @hookimpl
 def rampde_register_adapters(registry):
     registry.add_adapter(TorchdiffeqAdapter())
+
+
+@hookimpl
+def rampde_register_tableaus(registry):
+    if importlib.util.find_spec("torchdiffeq") is None:
+        return
+    for tableau in host_tableaus():
+        registry.add_tableau(tableau, shared=True)

@@ -195,3 +195,35 @@ class TorchdiffeqAdapter(HostAdapter):
 
 
 __all__ = ["TorchdiffeqAdapter", "RampdeFixedGridSolver", "validate_call"]
+
+
+# torchdiffeq's embedded Runge-Kutta pairs, read from its own solver classes (capability: a
+# `tableau` with alpha/beta/c_sol/c_error and an `order`).  Registered as shared names so that a
+# method both hosts define (dopri5) is one method whose coefficients are checked to agree.
+_HOST_TABLEAUS = {
+    "dopri5": ("torchdiffeq._impl.dopri5", "Dopri5Solver"),
+    "bosh3": ("torchdiffeq._impl.bosh3", "Bosh3Solver"),
+    "fehlberg2": ("torchdiffeq._impl.fehlberg2", "Fehlberg2"),
+    "adaptive_heun": ("torchdiffeq._impl.adaptive_heun", "AdaptiveHeunSolver"),
+    "dopri8": ("torchdiffeq._impl.dopri8", "Dopri8Solver"),
+}
+
+
+def host_tableaus():
+    """torchdiffeq's embedded pairs as rampde tableaus (those this torchdiffeq version has)."""
+    from rampde_plugins import ButcherTableau
+
+    out = []
+    for name, (module, cls_name) in _HOST_TABLEAUS.items():
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+            tab = cls.tableau
+        except (ImportError, AttributeError):
+            continue
+        c = [0.0] + [float(x) for x in tab.alpha]
+        a = [[]] + [[float(x) for x in row] for row in tab.beta]
+        out.append(ButcherTableau(
+            name, c=c, a=a, b=[float(x) for x in tab.c_sol], order=int(cls.order),
+            b_err=[float(x) for x in tab.c_error], description=f"{cls_name} (torchdiffeq's coefficients)",
+        ))
+    return out
