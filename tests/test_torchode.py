@@ -169,7 +169,9 @@ def test_plugin_tableau_appears_in_both_hosts_with_the_same_solution():
 
 def test_shared_tableau_is_one_method_and_conflicts_are_refused():
     reg = rampde_plugins.get_registry()
-    assert reg.provider("tableau", "dopri5") == "torchode" and reg.tableau("dopri5").fsal
+    # Both hosts define Dormand-Prince; it is one method, registered by both plugins.
+    assert set(reg.provider("tableau", "dopri5").split(", ")) == {"torchode", "torchdiffeq"}
+    assert reg.tableau("dopri5").fsal
 
     class SameDopri:
         @hookimpl
@@ -183,10 +185,10 @@ def test_shared_tableau_is_one_method_and_conflicts_are_refused():
 
     rampde_plugins.register_plugin(SameDopri(), name="same-dopri")
     try:
-        assert set(rampde_plugins.get_registry().provider("tableau", "dopri5").split(", ")) == {"torchode", "same-dopri"}
+        assert set(rampde_plugins.get_registry().provider("tableau", "dopri5").split(", ")) == {"torchode", "torchdiffeq", "same-dopri"}
     finally:
         rampde_plugins.unregister_plugin(name="same-dopri")
-    with pytest.raises(ValueError, match=r"method 'dopri5' is registered by plugin '(torchode|other-dopri)' and by plugin '(torchode|other-dopri)' with different coefficients"):
+    with pytest.raises(ValueError, match=r"method 'dopri5' is registered by plugin '.*' and by plugin '.*' with different coefficients"):
         rampde_plugins.register_plugin(OtherDopri(), name="other-dopri")
 
 
