@@ -12,7 +12,7 @@ install nothing on import; :func:`install`/:func:`uninstall` do it by hand.
 """
 
 from ._adapter import HostAdapter, UnsupportedHostError
-from ._engine import INTERPOLATIONS, BatchedOutputs, StepData, solve_batched, solve_grid
+from ._engine import INTERPOLATIONS, BatchedOutputs, StepController, StepData, solve_adaptive, solve_batched, solve_grid
 from ._hookspecs import hookimpl, hookspec
 from ._manager import (
     DISABLE_AUTOLOAD_ENV,
@@ -49,6 +49,7 @@ __all__ = [
     "SCALING_MODES",
     "ScalerConfig",
     "SolveStats",
+    "StepController",
     "StepData",
     "StatsCollector",
     "UnsupportedHostError",
@@ -61,6 +62,7 @@ __all__ = [
     "make_plugin_manager",
     "register_plugin",
     "resolve_policy",
+    "solve_adaptive",
     "solve_batched",
     "solve_grid",
     "uninstall",

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -37,7 +37,7 @@ from ._scaler import AdjointScaler
 from ._stats import _new_record
 from ._tableau import ButcherTableau
 
-__all__ = ["solve_grid", "solve_batched", "BatchedOutputs", "StepData", "INTERPOLATIONS"]
+__all__ = ["solve_grid", "solve_batched", "solve_adaptive", "StepController", "BatchedOutputs", "StepData", "INTERPOLATIONS"]
 
 #: Dense output between grid points (torchdiffeq's fixed-grid ``interp`` option).
 INTERPOLATIONS = ("linear", "cubic")
@@ -108,7 +108,7 @@ class _SharedTimeOutputs:
         self.t_out, self.interp = t_out, interp
         tout_cpu = t_out.detach().cpu()
         self.steps: dict[int, list] = {}
-        if tout_cpu.shape[0] > 1:
+        if grid_cpu is not None and tout_cpu.shape[0] > 1:
             step_of = (torch.searchsorted(grid_cpu, tout_cpu[1:], side="left") - 1).clamp_(min=0)
             # The cubic formula is always applied, also on grid points, as torchdiffeq does, so the
             # one-sided time derivatives at grid points agree with the host's.
@@ -136,6 +136,9 @@ class _SharedTimeOutputs:
         for (j, exact), tj in zip(entry, t_leaves):
             if exact:
                 values.append(sd.y1)
+                continue
+            if callable(self.interp):  # a host's own dense output, e.g. torchdiffeq's adaptive fit
+                values.append(self.interp(sd, tj))
                 continue
             s = ((tj - sd.t0) / (sd.t1 - sd.t0)).to(sd.y0.dtype)
             if self.interp == "linear":
@@ -259,6 +262,13 @@ class _Problem:
     per_sample: bool
     param_hint: str = "pass them explicitly as parameters"
     nfe_extra: int = 0
+    nudge_end: bool = False
+    # steps whose first stage is nudged past a jump (adaptive torchdiffeq, jump_t)
+    first_next_steps: set = field(default_factory=set)
+    # steps whose first stage is the previous step's last stage, not f(t_n, y_n): their value is
+    # stored and its cotangent flows into the previous step (see _backward)
+    carried_k0: dict = field(default_factory=dict)
+    precomputed: tuple | None = None
 
     def autocast(self):
         cd = self.policy.compute_dtype
@@ -266,13 +276,15 @@ class _Problem:
             return torch.autocast(self.device_type, enabled=False)
         return torch.autocast(self.device_type, dtype=cd)
 
-    def stage_times(self, t0: torch.Tensor, t1: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
+    def stage_times(self, t0: torch.Tensor, t1: torch.Tensor, h: torch.Tensor, first_next=None) -> list[torch.Tensor]:
         """Times of the stages of one step (or of all steps at once), differentiable in t0 and t1.
 
         A stage with c == 1 gets t1 itself (not t0 + h, which can differ from t1 in the last bit).
-        With ``perturb`` the first stage is moved to the next representable time and stages at
-        c == 1 to the previous one, as torchdiffeq does, so a vector field with a jump at a grid
-        point is evaluated on the correct side; the nudge is a constant for differentiation.
+        Nudges, constants for differentiation, put evaluations on the correct side of a jump in the
+        vector field at a grid point, as torchdiffeq does: with ``perturb`` the first stage moves to
+        the next representable time and stages at c == 1 to the previous one; with ``nudge_end``
+        (torchdiffeq's adaptive steps) only the latter; ``first_next`` (bool or bool tensor over the
+        steps) nudges the first stage of the steps that start at a ``jump_t``.
         """
         times = []
         for i, c in enumerate(self.tableau.c):
@@ -282,10 +294,15 @@ class _Problem:
                 ti = t1
             else:
                 ti = t0 + c * h
-            if self.perturb and (i == 0 or c == 1.0):
-                direction = torch.full_like(ti, math.inf if i == 0 else -math.inf)
+            if i == 0 and (self.perturb or first_next is not None):
                 with torch.no_grad():
-                    nudged = torch.nextafter(ti, direction)
+                    nudged = torch.nextafter(ti, torch.full_like(ti, math.inf))
+                    if not self.perturb:
+                        nudged = torch.where(torch.as_tensor(first_next, device=ti.device), nudged, ti)
+                ti = ti + (nudged - ti).detach()
+            elif c == 1.0 and (self.perturb or self.nudge_end):
+                with torch.no_grad():
+                    nudged = torch.nextafter(ti, torch.full_like(ti, -math.inf))
                 ti = ti + (nudged - ti).detach()
             times.append(ti)
         return times
@@ -293,7 +310,11 @@ class _Problem:
     def stage_time_table(self, grid: torch.Tensor) -> torch.Tensor:
         """All stage times of all steps, ``(n_steps, stages[, B])``, computed once (no graph)."""
         t0, t1 = grid[:-1], grid[1:]
-        return torch.stack(self.stage_times(t0, t1, t1 - t0), dim=1)
+        first_next = None
+        if self.first_next_steps:
+            first_next = torch.zeros(t0.shape[0], dtype=torch.bool)
+            first_next[sorted(self.first_next_steps)] = True
+        return torch.stack(self.stage_times(t0, t1, t1 - t0, first_next), dim=1)
 
     def h_for_state(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The step size in the state dtype, shaped to broadcast against the state."""
@@ -425,7 +446,7 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
     param_idx = [i for i, p in enumerate(params) if needs[3 + i]]
     diff_params = [params[i] for i in param_idx]
     g = grad_sol.to(acc_dtype)
-    a = torch.zeros(stored.shape[1:], dtype=acc_dtype, device=stored.device)
+    a = torch.zeros(stored[0].shape, dtype=acc_dtype, device=stored[0].device)
     g_params = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, acc_dtype)) for p in diff_params]
     g_grid = torch.zeros_like(grid, dtype=torch.promote_types(grid.dtype, acc_dtype)) if need_grid else None
     g_tout = torch.zeros_like(t_out, dtype=torch.promote_types(t_out.dtype, acc_dtype)) if need_tout else None
@@ -449,11 +470,14 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
         h_steps = h_all.tolist() if not prob.per_sample else None
     nfe_before = prob.nfe_extra
     nfe, steps_done = 0, 0
+    a_k = None  # cotangent of a first stage carried over from the previous step
     # Steps after the last output with a non-zero cotangent carry a zero adjoint: skip them (one
     # host synchronisation per backward, e.g. a loss on an early part of the trajectory).
     for n in range(outputs.last_active_step(g), -1, -1):
         entry = outputs.steps.get(n)
         y_n = stored[n].to(state_dtype).requires_grad_(True)
+        carried = prob.carried_k0.get(n)
+        k0_leaf = None if carried is None else carried.to(state_dtype).requires_grad_(True)
         if prob.callback_step_adjoint is not None:
             prob.callback_step_adjoint(grid_d[n], y_n.detach(), h_all[n])
         # Autograd runs a Function's backward with grad mode off: build the step's graph explicitly.
@@ -462,13 +486,17 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
                 t0 = grid_d[n].clone().requires_grad_(True)
                 t1 = grid_d[n + 1].clone().requires_grad_(True)
                 h = t1 - t0
-                y_next, ks = prob.step(y_n, prob.stage_times(t0, t1, h), prob.h_for_state(h, y_n))
+                first_next = True if n in prob.first_next_steps else None
+                y_next, ks = prob.step(y_n, prob.stage_times(t0, t1, h, first_next), prob.h_for_state(h, y_n), k0_leaf)
             else:
                 t0, t1, h = grid_d[n], grid_d[n + 1], h_all[n]
                 hs = h_steps[n] if h_steps is not None else prob.h_for_state(h, y_n)
-                y_next, ks = prob.step(y_n, times[n].unbind(0), hs)
-            nfe += tab.stages
+                y_next, ks = prob.step(y_n, times[n].unbind(0), hs, k0_leaf)
+            nfe += tab.stages - (k0_leaf is not None)
             roots, cot, t_leaves = [y_next], [a], []
+            if a_k is not None:  # the next step started from this step's last stage
+                roots.append(ks[-1])
+                cot.append(a_k)
             if entry is not None:
                 t_leaves = outputs.times(entry, t_out_d, need_tout)
                 sd = StepData(prob, t0, t1, h, y_n, y_next, ks)
@@ -479,6 +507,8 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
                         roots.append(v)
                         cot.append(c)
         inputs = [y_n, *diff_params]
+        if k0_leaf is not None:
+            inputs.append(k0_leaf)
         t_inputs = [tl for tl in t_leaves if tl is not None] if need_tout else []
         if need_time:
             inputs += [t0, t1, *t_inputs]
@@ -518,8 +548,14 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
         for i, gp in enumerate(grads[1 : 1 + len(diff_params)]):
             if gp is not None:
                 g_params[i].add_(gp.to(g_params[i].dtype), alpha=inv)
+        n_k = 1 if k0_leaf is not None else 0
+        if n_k:
+            gk = grads[1 + len(diff_params)]
+            a_k = (gk if gk is not None else torch.zeros_like(k0_leaf)).to(acc_dtype) * inv
+        else:
+            a_k = None
         if need_time:
-            gt = grads[1 + len(diff_params) :]
+            gt = grads[1 + len(diff_params) + n_k :]
             if need_grid:
                 if gt[0] is not None:
                     g_grid[n] += gt[0].to(g_grid.dtype) * inv
@@ -528,7 +564,7 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
             if need_tout and entry is not None:
                 it = iter(gr * inv if gr is not None else None for gr in gt[2:])
                 outputs.add_time_grads(g_tout, entry, [None if tl is None else next(it) for tl in t_leaves])
-        del grads, roots, y_next, ks
+        del grads, roots, y_next, ks, k0_leaf
         steps_done += 1
         if dynamic:
             clean_run += 1
@@ -546,19 +582,204 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
     return g_y0, g_grid, g_tout, [(i, gp) for i, gp in zip(param_idx, g_params)]
 
 
+class StepController:
+    """What the adaptive driver asks of a step-size controller (a host adapter implements it).
+
+    The driver owns the Runge--Kutta steps, the error estimate ``h * sum(b_err_i k_i)`` (state dtype),
+    storage and outputs; the controller owns every decision, in its own (fp32 or wider) arithmetic:
+
+    * ``start(f, t0, y0, f0)`` -- before the first step (``f`` evaluates under the policy; counted);
+    * ``propose(t0, y0) -> (t1, h)`` -- the next trial step (0-d tensors in the time dtype);
+    * ``judge(t0, t1, h, y0, y1, err) -> bool`` -- accept or reject it and choose the next step size;
+      after an accepted step ``at_jump`` says whether it ended on a discontinuity of ``f``;
+    * ``reuse_last_stage`` -- start the next step from the last stage even when it is not
+      ``f(t1, y1)`` (torchdiffeq does this for every pair); the driver then carries that value
+      through the adjoint so the gradient stays exact.
+    """
+
+    at_jump: bool = False
+    reuse_last_stage: bool = False
+
+    def start(self, f, t0, y0, f0):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def propose(self, t0, y0):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def judge(self, t0, t1, h, y0, y1, err) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _adaptive_forward(prob: _Problem, y0, t_out, controller: StepController, probe: bool):
+    """Adaptive steps until the last output is passed.  Rejected steps cost no memory.
+
+    Returns (solution, stored states (list), accepted grid values).
+    """
+    pol, tab, outputs = prob.policy, prob.tableau, prob.outputs
+    state_dtype, storage = pol.state_dtype, pol.storage
+    if tab.b_err is None:
+        raise ValueError(f"method {tab.name!r} has no embedded error estimate; it cannot adapt its step size")
+    y = y0.detach().to(state_dtype)
+    t_out = t_out.detach()
+    sol = outputs.allocate(y, pol.output)
+    t = t_out[0]
+    t_host = t_out.tolist()
+    n_out = len(t_host)
+    stored, grid = [], [t]
+    nfe = 0
+
+    def f_counted(tt, yy):
+        nonlocal nfe
+        nfe += 1
+        return prob.f(tt, yy).to(state_dtype)
+
+    with prob.autocast():
+        if probe:
+            with torch.enable_grad():
+                k0 = prob.f(t, y)
+                refs = _foreign_leaves(k0, prob.params, (y, t))
+            k0 = k0.detach().to(state_dtype)
+            _raise_if_alive(refs, prob.param_hint)
+            nfe += 1
+        else:
+            k0 = f_counted(t, y)
+        controller.start(f_counted, t, y, k0)
+        carried = False  # is k0 the previous step's last stage rather than f(t, y)?
+        first_next = False
+        out_j, n, rejected = 1, 0, 0
+        while out_j < n_out:
+            t1, h = controller.propose(t, y)
+            h_float = float(h)
+            ks_times = prob.stage_times(t, t1, h, True if first_next else None)
+            y1, ks = prob.step(y, ks_times, h_float, k0)
+            nfe += tab.stages - 1
+            err = _lincomb(ks, tab.b_err)
+            err = torch.zeros_like(y) if err is None else err * h_float
+            if not controller.judge(t, t1, h, y, y1, err):
+                rejected += 1
+                continue
+            stored.append(y.to(storage))
+            if carried:
+                prob.carried_k0[n] = k0.to(storage)
+            if first_next:
+                prob.first_next_steps.add(n)
+            grid.append(t1)
+            t1_host = float(t1)
+            entry = []
+            while out_j < n_out and t_host[out_j] <= t1_host:
+                entry.append((out_j, False))
+                out_j += 1
+            if entry:
+                outputs.steps[n] = entry
+                sd = StepData(prob, t, t1, h, y, y1, ks)
+                outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, t_out, False)))
+            n += 1
+            y, t = y1, t1
+            first_next = bool(controller.at_jump)
+            if first_next:
+                # Past a discontinuity of f: its value on the new side, as torchdiffeq does.
+                with torch.no_grad():
+                    t_next = torch.nextafter(t1, torch.full_like(t1, math.inf))
+                k0, carried = f_counted(t_next, y1), False
+            elif tab.fsal:
+                k0, carried = ks[-1], False  # f(t1, y1) up to the c == 1 time nudge
+            elif controller.reuse_last_stage:
+                k0, carried = ks[-1], True
+            else:
+                k0, carried = f_counted(t1, y1), False
+    rec = prob.record
+    rec.n_steps, rec.n_outputs, rec.forward_nfe = n, t_out.numel(), nfe + prob.nfe_extra
+    rec.rejected_steps = rejected
+    rec.stored_bytes = sum(x.numel() * x.element_size() for x in stored) + sum(
+        x.numel() * x.element_size() for x in prob.carried_k0.values())
+    return sol, stored, torch.stack(grid)
+
+
+def solve_adaptive(
+    f: Callable,
+    y0: torch.Tensor,
+    t_out: torch.Tensor,
+    *,
+    tableau: ButcherTableau,
+    policy: PrecisionPolicy,
+    controller: StepController,
+    interp: Callable,
+    params: Sequence[torch.Tensor] = (),
+    scaler: AdjointScaler | None = None,
+    callback_step_adjoint: Callable | None = None,
+    method: str | None = None,
+    param_hint: str = "pass them in params",
+) -> torch.Tensor:
+    """Adaptive-step solve with one shared time, outputs at ``t_out`` (torchdiffeq's layout).
+
+    The controller chooses the steps; the accepted steps are then treated as constants by the
+    discrete adjoint (as ACA and PNODE do): the gradient is exact for the step sequence that was
+    taken, and moving ``t_out[0]`` shifts the whole sequence.
+
+    Args:
+        interp: ``interp(step_data, t) -> y(t)`` dense output inside an accepted step (differentiable).
+        controller: a :class:`StepController`.
+        others: as in :func:`solve_grid`.
+
+    Returns:
+        ``(len(t_out), *y0.shape)`` in the policy's output dtype.
+    """
+    params = _common_checks(y0, params, policy)
+    if not isinstance(t_out, torch.Tensor) or t_out.ndim != 1 or t_out.shape[0] < 1:
+        raise ValueError("output times must be a non-empty 1-D tensor")
+    _check_time_dtype("output times", t_out)
+    time_dtype = torch.promote_types(t_out.dtype, policy.state_dtype)
+    t_out_t = t_out.to(device=y0.device, dtype=time_dtype)
+    tc = t_out_t.detach().cpu()
+    if not bool(torch.isfinite(tc).all()) or bool((tc[1:] <= tc[:-1]).any()):
+        raise ValueError("output times must be finite and strictly increasing")
+    prob = _Problem(
+        f=f, tableau=tableau, policy=policy, params=params, outputs=_SharedTimeOutputs(t_out_t, None, interp),
+        perturb=False, scaler=scaler, callback_step=None, callback_step_adjoint=callback_step_adjoint,
+        device_type=y0.device.type, record=_new_record(method or f"rampde_{tableau.name}", policy.name),
+        n_steps=0, per_sample=False, param_hint=param_hint, nudge_end=True,
+    )
+    diff_params = tuple(p for p in params if p.requires_grad)
+    prob.params = diff_params
+    grad_mode = torch.is_grad_enabled()
+    with torch.no_grad():
+        sol, stored, grid_values = _adaptive_forward(prob, y0, t_out_t, controller, probe=grad_mode)
+    prob.n_steps = len(stored)
+    needs_graph = grad_mode and (y0.requires_grad or t_out_t.requires_grad or bool(diff_params))
+    if not needs_graph or not stored:
+        return sol
+    # Step sizes are constants: every accepted time moves with the start time.
+    grid = grid_values + (t_out_t[0] - t_out_t[0].detach())
+    prob.precomputed = (sol, stored)
+    return _GridAdjoint.apply(prob, y0, grid, t_out_t, *diff_params)
+
+
 class _GridAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prob, y0, grid, t_out, *params):
-        sol, stored = _forward(prob, y0, grid, t_out, store=True, probe=True)
+        if prob.precomputed is not None:  # the adaptive driver has already run the forward
+            sol, stored = prob.precomputed
+            prob.precomputed = None
+        else:
+            sol, stored = _forward(prob, y0, grid, t_out, store=True, probe=True)
         ctx.prob = prob
         ctx.y0_dtype = y0.dtype
-        ctx.save_for_backward(stored, grid, t_out, *params)
+        if isinstance(stored, torch.Tensor):
+            ctx.stored_list = None
+            ctx.save_for_backward(stored, grid, t_out, *params)
+        else:  # adaptive: a list of per-step states, their number known only after the solve
+            ctx.stored_list = stored
+            ctx.save_for_backward(grid, t_out, *params)
         return sol
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_sol):
-        stored, grid, t_out, *params = ctx.saved_tensors
+        if ctx.stored_list is None:
+            stored, grid, t_out, *params = ctx.saved_tensors
+        else:
+            stored = ctx.stored_list
+            grid, t_out, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]
         g_y0, g_grid, g_tout, g_params = _backward(ctx.prob, stored, grid, t_out, params, grad_sol, needs)
         out_params = [None] * len(params)

@@ -26,6 +26,7 @@ class SolveStats:
     method: str
     policy: str
     n_steps: int = 0
+    rejected_steps: int = 0
     n_outputs: int = 0
     forward_nfe: int = 0
     backward_nfe: int = 0

@@ -7,9 +7,22 @@ import numbers
 
 import torch
 
-from rampde_plugins import INTERPOLATIONS, AdjointScaler, PrecisionPolicy, get_registry, resolve_policy, solve_grid
+from rampde_plugins import (
+    INTERPOLATIONS,
+    AdjointScaler,
+    PrecisionPolicy,
+    get_registry,
+    resolve_policy,
+    solve_adaptive,
+    solve_grid,
+)
 
-#: Options a rampde method accepts in ``odeint(..., options=...)``.
+from ._adaptive import ADAPTIVE_OPTIONS, TorchdiffeqController, check_tolerance, make_interp
+
+#: Options a rampde method accepts in ``odeint(..., options=...)`` on a fixed grid (and, for the
+#: last three, always).  Methods with an embedded error estimate run adaptively unless `step_size` or
+#: `grid_constructor` is given, and then accept ADAPTIVE_OPTIONS instead of the grid options.
+FIXED_GRID_ONLY = ("step_size", "grid_constructor", "interp", "perturb")
 OPTIONS = {
     "step_size": "fixed step; the grid is t[0] + k*step_size with the last point moved to t[-1]",
     "grid_constructor": "callable (func, y0, t) -> grid, exclusive with step_size",
@@ -26,13 +39,14 @@ _HOST_ARGS = ("rtol", "atol", "norm")
 def parse_options(method: str, options) -> dict:
     """Validate ``options`` of ``method``; returns a clean dict.  Raises ValueError/TypeError."""
     options = dict(options or {})
-    unknown = sorted(set(options) - set(OPTIONS) - set(_HOST_ARGS))
+    unknown = sorted(set(options) - set(OPTIONS) - set(ADAPTIVE_OPTIONS) - set(_HOST_ARGS))
     if unknown:
         raise ValueError(
             f"odeint(method={method!r}): unknown option(s) {', '.join(map(repr, unknown))}; "
-            f"valid options: {', '.join(OPTIONS)}"
+            f"valid options: {', '.join(OPTIONS)} (fixed grid), {', '.join(ADAPTIVE_OPTIONS)} (adaptive)"
         )
     out = {k: options.get(k) for k in OPTIONS}
+    out["adaptive"] = {k: options[k] for k in ADAPTIVE_OPTIONS if k in options}
     step = out["step_size"]
     if step is not None:
         value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
@@ -85,8 +99,22 @@ class RampdeFixedGridSolver:
 
     def __init__(self, func, y0, rtol=None, atol=None, norm=None, **options):
         self.method = f"rampde_{self.tableau_name}"
-        self.options = parse_options(self.method, options)
+        self.options = opts = parse_options(self.method, options)
         self.tableau = get_registry().tableau(self.tableau_name)
+        self.adaptive = self.tableau.b_err is not None and opts["step_size"] is None and opts["grid_constructor"] is None
+        if self.adaptive:
+            grid_opts = [k for k in FIXED_GRID_ONLY if options.get(k) not in (None, False, "linear")]
+            if grid_opts:
+                raise ValueError(
+                    f"odeint(method={self.method!r}): option(s) {grid_opts} apply to fixed grids; this method adapts "
+                    "its steps (pass step_size or grid_constructor for a fixed grid)"
+                )
+        elif opts["adaptive"]:
+            raise ValueError(
+                f"odeint(method={self.method!r}): option(s) {sorted(opts['adaptive'])} apply to adaptive steps; "
+                + ("this method has no error estimate" if self.tableau.b_err is None else "a fixed grid was requested")
+            )
+        self.rtol, self.atol, self.norm = rtol, atol, norm
         self.func = func
         self.y0 = y0
         self.dtype = y0.dtype
@@ -94,7 +122,10 @@ class RampdeFixedGridSolver:
 
     @classmethod
     def valid_callbacks(cls):
-        return {"callback_step"}
+        callbacks = {"callback_step"}
+        if get_registry().tableaus.get(cls.tableau_name) is not None and get_registry().tableau(cls.tableau_name).b_err is not None:
+            callbacks |= {"callback_accept_step", "callback_reject_step"}
+        return callbacks
 
     def _grid(self, t: torch.Tensor) -> torch.Tensor:
         opts = self.options
@@ -136,6 +167,18 @@ class RampdeFixedGridSolver:
         callback = getattr(self.func, "callback_step", None)
         if callback is not None and _is_null_callback(callback):
             callback = None
+        if self.adaptive:
+            check_tolerance(policy, self.rtol, self.method)
+            controller = TorchdiffeqController(
+                self.func, self.y0, self.tableau.order, self.rtol, self.atol, self.norm,
+                method=self.method, **opts["adaptive"],
+            )
+            return solve_adaptive(
+                inner, self.y0, t, tableau=self.tableau, policy=policy, controller=controller,
+                interp=make_interp(self.tableau_name), params=params, scaler=opts["scaler"],
+                callback_step_adjoint=getattr(self.func, "callback_step_adjoint", None), method=self.method,
+                param_hint="pass them explicitly: options={'adjoint_params': (A, b)}",
+            )
         return solve_grid(
             inner,
             self.y0,
