@@ -198,7 +198,8 @@ class RampdeFixedGridSolver:
 
     def integrate_until_event(self, t0, event_fn):
         raise NotImplementedError(
-            f"{self.method} does not support event_fn yet (it arrives with the adaptive-steps work); "
+            f"{self.method} does not support event_fn yet (terminal events with a gradient of the event time are "
+            "not implemented on the rampde engine); "
             "use torchdiffeq's own fixed-grid method (e.g. method='rk4' with options={'step_size': h}) "
             "for event handling"
         )
