@@ -12,7 +12,17 @@ install nothing on import; :func:`install`/:func:`uninstall` do it by hand.
 """
 
 from ._adapter import HostAdapter, UnsupportedHostError
-from ._engine import INTERPOLATIONS, BatchedOutputs, StepController, StepData, solve_adaptive, solve_batched, solve_grid
+from ._engine import (
+    INTERPOLATIONS,
+    BatchedOutputs,
+    BatchedStepController,
+    StepController,
+    StepData,
+    solve_adaptive,
+    solve_batched,
+    solve_batched_adaptive,
+    solve_grid,
+)
 from ._hookspecs import hookimpl, hookspec
 from ._manager import (
     DISABLE_AUTOLOAD_ENV,
@@ -38,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdjointScaler",
     "BatchedOutputs",
+    "BatchedStepController",
     "ButcherTableau",
     "DISABLE_AUTOLOAD_ENV",
     "ENTRY_POINT_GROUP",
@@ -64,6 +75,7 @@ __all__ = [
     "resolve_policy",
     "solve_adaptive",
     "solve_batched",
+    "solve_batched_adaptive",
     "solve_grid",
     "uninstall",
     "unregister_plugin",

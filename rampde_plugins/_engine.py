@@ -37,7 +37,10 @@ from ._scaler import AdjointScaler
 from ._stats import _new_record
 from ._tableau import ButcherTableau
 
-__all__ = ["solve_grid", "solve_batched", "solve_adaptive", "StepController", "BatchedOutputs", "StepData", "INTERPOLATIONS"]
+__all__ = [
+    "solve_grid", "solve_batched", "solve_adaptive", "solve_batched_adaptive", "StepController",
+    "BatchedStepController", "BatchedOutputs", "StepData", "INTERPOLATIONS",
+]
 
 #: Dense output between grid points (torchdiffeq's fixed-grid ``interp`` option).
 INTERPOLATIONS = ("linear", "cubic")
@@ -206,6 +209,23 @@ class BatchedOutputs:
                 sl = slice(offset, offset + c)
                 self.steps[n] = (sample[sl].to(dev), evalj[sl].to(dev))
                 offset += c
+
+    def start_incremental(self, t_start):
+        """For adaptive solves: outputs are assigned as steps are accepted (see :meth:`assign`)."""
+        self.at_start = self.t_eval[:, 0] == t_start
+        self._pending = torch.ones_like(self.t_eval, dtype=torch.bool)
+        self._pending[:, 0] = ~self.at_start
+
+    def assign(self, n, t_old, t_new, direction):
+        """Outputs passed by step ``n`` (torchode's rule: the first step whose end reaches them)."""
+        passed = ((t_new[:, None] - self.t_eval) * direction[:, None] >= 0) & self._pending
+        passed &= (t_new != t_old)[:, None]
+        if not bool(passed.any()):
+            return None
+        self._pending &= ~passed
+        sample, evalj = passed.nonzero(as_tuple=True)
+        self.steps[n] = (sample, evalj)
+        return self.steps[n]
 
     def allocate(self, y, dtype):
         ys = torch.full((y.shape[0], self.t_eval.shape[1], *y.shape[1:]), math.nan, dtype=dtype, device=y.device)
@@ -752,6 +772,163 @@ def solve_adaptive(
     grid = grid_values + (t_out_t[0] - t_out_t[0].detach())
     prob.precomputed = (sol, stored)
     return _GridAdjoint.apply(prob, y0, grid, t_out_t, *diff_params)
+
+
+class BatchedStepController:
+    """Per-sample step-size control for :func:`solve_batched_adaptive` (torchode's layout).
+
+    * ``start(f, t0, y0, dt0) -> (dt, f0 or None)`` -- initial step sizes ``(B,)``;
+    * ``judge(t0, dt, y0, y1, err) -> (accept, dt_next, status)`` -- per sample; ``status`` is a
+      ``(B,)`` long tensor of torchode status codes or ``None``;
+    * ``merge(running)`` -- keep the controller state of samples that are still running.
+    """
+
+    def start(self, f, t0, y0, dt0):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def judge(self, t0, dt, y0, y1, err):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def merge(self, running):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def solve_batched_adaptive(
+    f: Callable,
+    y0: torch.Tensor,
+    t_start: torch.Tensor,
+    t_end: torch.Tensor,
+    outputs: BatchedOutputs,
+    *,
+    tableau: ButcherTableau,
+    policy: PrecisionPolicy,
+    controller: BatchedStepController,
+    dt0: torch.Tensor | None = None,
+    max_steps: int | None = None,
+    params: Sequence[torch.Tensor] = (),
+    scaler: AdjointScaler | None = None,
+    method: str | None = None,
+    param_hint: str = "pass them in params",
+):
+    """Adaptive steps with one step size per sample, all samples stepping together.
+
+    Each iteration takes one trial step for every sample; samples accept or reject independently
+    (a rejected or finished sample's entry is a zero-length step), and step sizes are clamped to each
+    sample's remaining span.  Accepted step sizes are constants for the adjoint.  Every iteration
+    stores the batch's state (the memory of a rejected iteration is that of its accepted samples).
+
+    Returns:
+        ``(ys, info)`` with ``ys`` of shape ``(B, M, ...)`` and ``info`` a dict with per-sample
+        ``n_steps``, ``n_accepted``, ``status`` (long tensors) and the grid.
+    """
+    params = _common_checks(y0, params, policy)
+    if tableau.b_err is None:
+        raise ValueError(f"method {tableau.name!r} has no embedded error estimate; it cannot adapt its step size")
+    _check_time_dtype("start times", t_start)
+    time_dtype = t_start.dtype
+    record = _new_record(method or f"rampde_{tableau.name}", policy.name)
+    prob = _Problem(
+        f=f, tableau=tableau, policy=policy, params=params, outputs=outputs, perturb=False, scaler=scaler,
+        callback_step=None, callback_step_adjoint=None, device_type=y0.device.type, record=record,
+        n_steps=0, per_sample=True, param_hint=param_hint,
+    )
+    diff_params = tuple(p for p in params if p.requires_grad)
+    prob.params = diff_params
+    grad_mode = torch.is_grad_enabled()
+    state_dtype, storage = policy.state_dtype, policy.storage
+    nfe = 0
+
+    def f_counted(tt, yy):
+        nonlocal nfe
+        nfe += 1
+        return prob.f(tt, yy).to(state_dtype)
+
+    with torch.no_grad(), prob.autocast():
+        y = y0.detach().to(state_dtype)
+        t = t_start.detach().clone()
+        ts, te = t_start.detach(), t_end.detach()
+        direction = torch.where(te > ts, 1, -1).to(time_dtype)
+        t_min, t_max = torch.minimum(ts, te), torch.maximum(ts, te)
+        outputs.start_incremental(ts)
+        sol = outputs.allocate(y, policy.output)
+        k_first = None
+        if grad_mode:
+            with torch.enable_grad():
+                k_first = prob.f(t, y)
+                refs = _foreign_leaves(k_first, prob.params, (y, t))
+            k_first = k_first.detach().to(state_dtype)  # reused as the first stage below
+            _raise_if_alive(refs, param_hint)
+            nfe += 1
+        dt, k0 = controller.start(f_counted, t, y, dt0)
+        if k0 is None:
+            k0 = k_first if k_first is not None else f_counted(t, y)
+        clamped = torch.clamp(dt, t_min - t, t_max - t)
+        # A step clamped to the end of its span lands on t_end: that point (and every later one of
+        # the sample) moves with t_end, the others with t_start (step sizes are constants).
+        will_anchor, anchored = clamped != dt, torch.zeros_like(t, dtype=torch.bool)
+        dt = clamped
+        running = (t - te) * direction < 0
+        n_steps = torch.zeros_like(t, dtype=torch.long)
+        n_accepted = torch.zeros_like(t, dtype=torch.long)
+        status = torch.zeros_like(t, dtype=torch.long)
+        stored, grid, anchors = [], [t], [anchored]
+        n = 0
+        while bool(running.any()):
+            if max_steps is not None and int(n_steps.max()) >= max_steps:
+                status = torch.where(running, 3, status)  # torchode's REACHED_MAX_STEPS
+                break
+            h_state = prob.h_for_state(dt, y)
+            y1, ks = prob.step(y, prob.stage_times(t, t + dt, dt), h_state, k0)
+            nfe += tableau.stages - 1
+            err = _lincomb(ks, tableau.b_err)
+            err = torch.zeros_like(y) if err is None else err * h_state
+            accept, dt_next, st = controller.judge(t, dt, y, y1, err)
+            to_update = accept & running
+            t_new = torch.where(to_update, t + dt, t)
+            stored.append(y.to(storage))
+            grid.append(t_new)
+            anchored = anchored | (will_anchor & to_update)
+            anchors.append(anchored)
+            entry = outputs.assign(n, t, t_new, direction)
+            if entry is not None:
+                # The trial step's data, as torchode interpolates (only accepted samples own outputs).
+                sd = StepData(prob, t, t + dt, dt, y, y1, ks)
+                outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, outputs.t_eval.detach(), False)))
+            mask = to_update.reshape(-1, *([1] * (y.ndim - 1)))
+            y = torch.where(mask, y1, y)
+            if tableau.fsal:
+                k0 = torch.where(mask, ks[-1], k0)
+            else:
+                k0 = torch.where(mask, f_counted(t_new, y), k0)
+            t = t_new
+            n_steps += running
+            n_accepted += to_update
+            if st is not None:
+                status = torch.maximum(status, torch.where(running, st, 0))
+            running = (t - te) * direction < 0
+            dt = torch.where(running, dt_next, dt)
+            clamped = torch.clamp(dt, t_min - t, t_max - t)
+            will_anchor = clamped != dt
+            dt = clamped
+            controller.merge(running)
+            n += 1
+            if bool((status != 0).any()):
+                break
+    record.n_steps, record.n_outputs, record.forward_nfe = n, outputs.t_eval.numel(), nfe + prob.nfe_extra
+    record.rejected_steps = int((n_steps - n_accepted).sum())
+    record.stored_bytes = sum(x.numel() * x.element_size() for x in stored)
+    prob.n_steps = n
+    grid_values = torch.stack(grid)
+    info = {"n_steps": n_steps, "n_accepted": n_accepted, "status": status, "grid": grid_values}
+    needs_graph = grad_mode and (y0.requires_grad or outputs.t_eval.requires_grad or t_start.requires_grad or bool(diff_params))
+    if not needs_graph or not stored:
+        return sol, info
+    # Accepted step sizes are constants: each sample's times move with its start time, or with its
+    # end time from the step clamped onto it (torchode's arithmetic).
+    anchor = torch.stack(anchors).to(time_dtype)
+    grid = grid_values + (1 - anchor) * (t_start - t_start.detach()) + anchor * (t_end - t_end.detach())
+    prob.precomputed = (sol, stored)
+    return _GridAdjoint.apply(prob, y0, grid, outputs.t_eval, *diff_params), info
 
 
 class _GridAdjoint(torch.autograd.Function):

@@ -185,3 +185,89 @@ def test_rejected_steps_cost_no_memory():
 def test_rampde_registry_lists_hosts_embedded_methods():
     tabs = rampde_plugins.get_registry().tableaus
     assert all(name in tabs and tabs[name].b_err is not None for name in EMBEDDED)
+
+
+# --- adaptive steps through torchode ------------------------------------------------------------
+
+import torchode as to  # noqa: E402
+
+from rampde_torchode import RampdeAdjoint  # noqa: E402
+
+TODE_T_EVAL = torch.tensor([[0.0, 0.3, 0.7, 1.0], [0.2, 0.5, 0.9, 1.6], [1.0, 0.8, 0.31, 0.0], [0.0, 0.05, 0.1, 0.15]],
+                           dtype=torch.float64)
+TODE_CONTROLLERS = {
+    "integral": lambda: to.IntegralController(atol=1e-6, rtol=1e-5),
+    "pid": lambda: to.PIDController(atol=1e-6, rtol=1e-5, pcoeff=0.2, icoeff=0.5, dcoeff=0.0),
+}
+
+
+class BatchField(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = MLPField()
+
+    def forward(self, t, y):
+        return self.inner.l2(torch.tanh(self.inner.l1(y))) * torch.cos(t)[:, None]
+
+
+@pytest.mark.parametrize("controller", list(TODE_CONTROLLERS))
+@pytest.mark.parametrize("method", [to.Heun, to.Dopri5, to.Tsit5], ids=lambda m: m.__name__)
+def test_torchode_adaptive_same_steps_and_frozen_step_gradients(method, controller):
+    field = BatchField()
+    y0 = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    t_eval = TODE_T_EVAL.clone().requires_grad_()
+    problem = to.InitialValueProblem(y0, t_eval[:, 0], t_eval[:, -1], t_eval)
+    # dt0 carries each sample's direction (torchode would clamp a wrong-signed dt0 to 0 and loop).
+    dt0 = 0.01 * torch.sign(TODE_T_EVAL[:, -1] - TODE_T_EVAL[:, 0])
+    term = to.ODETerm(field)
+    # backprop_through_step_size_control=False: torchode's backprop then sees the same frozen steps.
+    host = to.AutoDiffAdjoint(method(term), TODE_CONTROLLERS[controller](),
+                              backprop_through_step_size_control=False).solve(problem, dt0=dt0)
+    ours = RampdeAdjoint(method(term), TODE_CONTROLLERS[controller](), precision="fp64").solve(problem, dt0=dt0)
+    assert rel(ours.ys, host.ys) < 1e-10
+    for key in ("n_steps", "n_accepted"):
+        assert torch.equal(ours.stats[key].cpu(), host.stats[key].cpu()), key
+    assert torch.equal(ours.status.cpu(), host.status.cpu())
+    if method is not to.Heun:  # first-same-as-last: the same number of evaluations as torchode
+        assert torch.equal(ours.stats["n_f_evals"], host.stats["n_f_evals"])
+    wrt = [y0, t_eval, *field.parameters()]
+    for g_o, g_h in zip(torch.autograd.grad(ours.ys.square().sum(), wrt), torch.autograd.grad(host.ys.square().sum(), wrt)):
+        assert rel(g_o, g_h) < 1e-8
+
+
+def test_solve_ivp_rampde_dopri5_keeps_torchodes_default_adaptive_controller():
+    field = BatchField()
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    ours = to.solve_ivp(field, y0, TODE_T_EVAL, method="rampde_dopri5")  # torchode's default PID controller
+    host = to.solve_ivp(field, y0, TODE_T_EVAL, method="dopri5")
+    assert rel(ours.ys, host.ys) < 1e-10 and torch.equal(ours.stats["n_steps"], host.stats["n_steps"])
+
+
+@pytest.mark.parametrize("policy, bound", [("fp16", 1e-3), ("bf16", 5e-3)])
+def test_torchode_adaptive_mixed_precision_vs_fp64(policy, bound):
+    a64, y064 = linear_problem()
+    t_eval = torch.tensor([0.0, 1.0], dtype=torch.float64).expand(y064.shape[0], 2)
+
+    def grads(dtype, precision):
+        a, y0 = a64.to(dtype).requires_grad_(), y064.to(dtype).requires_grad_()
+        te = t_eval.to(dtype)
+        sol = RampdeAdjoint(to.Dopri5(None), to.IntegralController(atol=1e-4, rtol=1e-4), precision=precision,
+                            params=(a,)).solve(to.InitialValueProblem(y0, te[:, 0], te[:, -1], te),
+                                               term=to.ODETerm(lambda t, y: y @ a))
+        return torch.autograd.grad((sol.ys[:, -1].double() ** 2).sum(), [a, y0]), sol
+
+    ref, _ = grads(torch.float64, "fp64")
+    got, sol = grads(torch.float32, policy)
+    assert sol.stats["rampde"].policy == policy and (sol.status == 0).all()
+    assert rel(got[0], ref[0]) <= bound and rel(got[1], ref[1]) <= bound
+
+
+def test_torchode_adaptive_status_reached_dt_min_like_torchode():
+    field = BatchField()
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    problem = to.InitialValueProblem(y0, TODE_T_EVAL[:, 0], TODE_T_EVAL[:, -1], TODE_T_EVAL)
+    ctrl = lambda: to.IntegralController(atol=1e-12, rtol=1e-12, dt_min=1e-2)  # noqa: E731
+    dt0 = 0.05 * torch.sign(TODE_T_EVAL[:, -1] - TODE_T_EVAL[:, 0])
+    host = to.AutoDiffAdjoint(to.Dopri5(to.ODETerm(field)), ctrl()).solve(problem, dt0=dt0)
+    ours = RampdeAdjoint(to.Dopri5(to.ODETerm(field)), ctrl(), precision="fp64").solve(problem, dt0=dt0)
+    assert (host.status != 0).any() and torch.equal(ours.status, host.status)

@@ -267,12 +267,10 @@ def test_hidden_parameters_point_to_params_argument():
     assert a.grad is not None
 
 
-def test_adaptive_controllers_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match=r"RampdeAdjoint with PIDController: adaptive step-size control"):
-        RampdeAdjoint(to.Dopri5(), to.PIDController(atol=1e-6, rtol=1e-6, pcoeff=0.2, icoeff=0.5, dcoeff=0.0)).solve(
+def test_adaptive_controller_needs_an_error_estimate():
+    with pytest.raises(ValueError, match=r"has no error estimate, so PIDController cannot adapt its steps"):
+        RampdeAdjoint(to.Euler(None), to.PIDController(atol=1e-6, rtol=1e-6, pcoeff=0.2, icoeff=0.5, dcoeff=0.0)).solve(
             _problem(torch.ones(2, 3), torch.tensor([[0.0, 1.0], [0.0, 1.0]])), term=to.ODETerm(lambda t, y: -y), dt0=0.1)
-    with pytest.raises(NotImplementedError, match=r"solve_ivp\(method='rampde_dopri5'\) without a controller would be adaptive"):
-        _solve(method="rampde_dopri5", dt0=0.1)
 
 
 def test_unsupported_step_method_type():

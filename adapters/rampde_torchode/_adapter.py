@@ -10,7 +10,8 @@ What is patched, and why it is the minimum:
   ``from torchode import solve_ivp``.
 * ``torchode.solve_ivp`` / ``torchode.interface.solve_ivp`` are wrapped only to give rampde methods a
   sensible default controller: a method without an error estimate (``rampde_rk4``) has no use for
-  torchode's default PID controller, so ``controller=None`` means ``FixedStepController()`` for it.
+  torchode's default PID controller, so ``controller=None`` means ``FixedStepController()`` for it;
+  embedded methods (``rampde_dopri5``) keep torchode's default adaptive controller.
 
 ``uninstall`` restores all of it (and only where nobody replaced it since).
 """
@@ -119,13 +120,12 @@ class TorchodeAdapter(HostAdapter):
             bound = signature.bind(*args, **kwargs)
             method = bound.arguments.get("method")
             if adapter.owns(method) and bound.arguments.get("controller") is None:
-                tableau = registry.tableau(method[len(PREFIX):]) if method[len(PREFIX):] in registry.tableaus else None
-                if tableau is not None and tableau.b_err is not None:
-                    raise NotImplementedError(
-                        f"solve_ivp(method={method!r}) without a controller would be adaptive; adaptive steps on the "
-                        "rampde engine are not implemented yet. Pass controller=torchode.FixedStepController() and dt0."
-                    )
-                bound.arguments["controller"] = torchode.FixedStepController()
+                name = method[len(PREFIX):]
+                tableau = registry.tableau(name) if name in registry.tableaus else None
+                if tableau is not None and tableau.b_err is None:
+                    # No error estimate: fixed steps are this method's only mode (torchode's default
+                    # PID controller would fail on it).  Embedded methods keep torchode's default.
+                    bound.arguments["controller"] = torchode.FixedStepController()
             return original_solve(*bound.args, **bound.kwargs)
 
         self._patch_attr(interface, "solve_ivp", solve_ivp)

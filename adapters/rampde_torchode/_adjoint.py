@@ -15,14 +15,25 @@ import functools
 import torch
 from torchode import status_codes
 from torchode.interpolation import ThirdOrderPolynomialInterpolation
+from torchode.problems import InitialValueProblem
 from torchode.single_step_methods import Euler
+from torchode.single_step_methods.base import StepResult
 from torchode.single_step_methods.euler import LinearInterpolationData
 from torchode.single_step_methods.runge_kutta import ERKInterpolationData, ExplicitRungeKutta
 from torchode.solution import Solution
 from torchode.step_size_controllers import FixedStepController
 from torchode.terms import ODETerm
 
-from rampde_plugins import AdjointScaler, BatchedOutputs, ButcherTableau, get_registry, resolve_policy, solve_batched
+from rampde_plugins import (
+    AdjointScaler,
+    BatchedOutputs,
+    BatchedStepController,
+    ButcherTableau,
+    get_registry,
+    resolve_policy,
+    solve_batched,
+    solve_batched_adaptive,
+)
 from rampde_plugins._tableau import BUILTIN_TABLEAUS
 
 PARAM_HINT = "pass them explicitly: RampdeAdjoint(step_method, controller, params=(A, b))"
@@ -161,6 +172,35 @@ def fixed_step_grid(t_start, t_end, dt0, max_steps):
     return torch.stack(rows), torch.stack(anchors), n_steps, reached_max
 
 
+class TorchodeController(BatchedStepController):
+    """torchode's own adaptive controller (IntegralController, PIDController) deciding per sample.
+
+    Its ``init`` (initial step selection), ``adapt_step_size`` (error ratio, acceptance, step-size
+    update, status) and ``merge_states`` are called as they are, on the engine's state-dtype
+    tensors -- fp32 or wider whatever the precision policy.
+    """
+
+    def __init__(self, controller, problem, order, args):
+        self.controller, self.problem, self.order, self.args = controller, problem, order, args
+        self.stats: dict = {}
+
+    def start(self, f, t0, y0, dt0):
+        term = ODETerm(f)
+        problem = InitialValueProblem(y0, self.problem.t_start, self.problem.t_end, self.problem.t_eval)
+        term.init(problem, self.stats)
+        dt, self.state, f0 = self.controller.init(term, problem, self.order, dt0, stats=self.stats, args=None)
+        return dt, None if f0 is None else f0.to(y0.dtype)
+
+    def judge(self, t0, dt, y0, y1, err):
+        accept, dt_next, self.next_state, status = self.controller.adapt_step_size(
+            t0, dt, y0, StepResult(y1, err), self.state, self.stats
+        )
+        return accept, dt_next, status
+
+    def merge(self, running):
+        self.state = self.controller.merge_states(running, self.next_state, self.state)
+
+
 class RampdeAdjoint(torch.nn.Module):
     """Use where torchode's ``AutoDiffAdjoint`` is used; runs the rampde engine.
 
@@ -168,8 +208,9 @@ class RampdeAdjoint(torch.nn.Module):
         step_method: a torchode step method (``Euler``, ``Heun``, ``Dopri5``, ``Tsit5``, any
             ``ExplicitRungeKutta``) -- its Butcher tableau is read and run on the engine -- or a
             ``rampde_<name>`` method from ``torchode.interface.METHODS``.
-        step_size_controller: ``torchode.FixedStepController()``.  Adaptive controllers arrive with
-            the adaptive-steps work and raise ``NotImplementedError`` until then.
+        step_size_controller: ``torchode.FixedStepController()`` (needs ``dt0``), or one of torchode's
+            adaptive controllers (``IntegralController``, ``PIDController``), which then decide every
+            step per sample exactly as in torchode, on fp32-or-wider error estimates.
         max_steps: stop after this many steps (status ``REACHED_MAX_STEPS`` for unfinished samples).
         precision: policy name or ``PrecisionPolicy`` (default: from ``torch.autocast``/``y0``'s dtype).
         params: tensors to differentiate (default: the term's parameters, i.e. those of ``f`` when it
@@ -201,10 +242,11 @@ class RampdeAdjoint(torch.nn.Module):
         term = term if term is not None else getattr(method, "term", None)
         if term is None:
             raise ValueError("no ODE term: pass term= to solve() or construct the step method with one")
-        if not isinstance(self.step_size_controller, FixedStepController):
-            raise NotImplementedError(
-                f"RampdeAdjoint with {type(self.step_size_controller).__name__}: adaptive step-size control on the "
-                "rampde engine is not implemented yet; use torchode.FixedStepController() with dt0"
+        adaptive = not isinstance(self.step_size_controller, FixedStepController)
+        if adaptive and not all(hasattr(self.step_size_controller, m) for m in ("init", "adapt_step_size", "merge_states")):
+            raise TypeError(
+                f"RampdeAdjoint: {type(self.step_size_controller).__name__} is not a torchode step-size controller "
+                "(needs init, adapt_step_size and merge_states)"
             )
         y0 = problem.y0
         if y0.ndim != 2:
@@ -214,6 +256,8 @@ class RampdeAdjoint(torch.nn.Module):
         if time_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"time dtype {time_dtype}: use float32 or float64 (fp16 time cannot resolve small steps)")
         batch = y0.shape[0]
+        if adaptive:
+            return self._solve_adaptive(problem, term, dt0, args)
         if dt0 is None:
             raise ValueError(
                 f"fixed-step solving with {method!r} needs dt0 (torchode would pick a ~1e-9 step for a "
@@ -274,6 +318,59 @@ class RampdeAdjoint(torch.nn.Module):
             "rampde": record,
         }
         return Solution(ts=t_eval, ys=ys, stats=stats, status=status)
+
+    def _check_t_eval(self, problem):
+        t_start, t_end, t_eval = problem.t_start, problem.t_end, problem.t_eval
+        if t_eval is None:
+            return t_end[:, None]
+        lo = torch.minimum(t_start, t_end)[:, None]
+        hi = torch.maximum(t_start, t_end)[:, None]
+        outside = (t_eval < lo) | (t_eval > hi)
+        if bool(outside.any()):
+            b, j = (int(x) for x in torch.nonzero(outside)[0])
+            raise ValueError(
+                f"t_eval[{b}, {j}]={t_eval[b, j].item()!r} lies outside sample {b}'s span "
+                f"[{t_start[b].item()!r}, {t_end[b].item()!r}]"
+            )
+        return t_eval
+
+    def _solve_adaptive(self, problem, term, dt0, args):
+        method, y0 = self.step_method, problem.y0
+        tableau = tableau_of(method)
+        if tableau.b_err is None or not any(x != 0.0 for x in tableau.b_err):
+            raise ValueError(
+                f"{method!r} has no error estimate, so {type(self.step_size_controller).__name__} cannot adapt its "
+                "steps; use torchode.FixedStepController() with dt0, or an embedded method (Dopri5, Tsit5, Heun)"
+            )
+        t_eval = self._check_t_eval(problem)
+        if dt0 is not None:
+            dt0 = torch.as_tensor(dt0, dtype=problem.time_dtype, device=y0.device).expand(y0.shape[0])
+        policy = resolve_policy(self.precision, device_type=y0.device.type, state_dtype=y0.dtype)
+        f = term.f if not term.with_args else functools.partial(_with_args, term.f, args)
+        params = self.params if self.params is not None else tuple(term.parameters())
+        order = int(method.convergence_order())
+        outputs = BatchedOutputs(t_eval, make_interpolant(method, problem))
+        controller = TorchodeController(self.step_size_controller, problem, order, args)
+        from rampde_plugins import collect_stats
+
+        with collect_stats() as collected:
+            ys, info = solve_batched_adaptive(
+                f, y0, problem.t_start, problem.t_end, outputs, tableau=tableau, policy=policy,
+                controller=controller, dt0=dt0, max_steps=self.max_steps, params=params, scaler=self.scaler,
+                method=f"rampde_{tableau.name}" if isinstance(method, RampdeStepMethod) else tableau.name,
+                param_hint=PARAM_HINT,
+            )
+        record = collected.last
+        batch = y0.shape[0]
+        initialized = ~torch.isnan(ys.detach().reshape(batch, ys.shape[1], -1)).any(dim=2)
+        stats = {
+            "n_f_evals": torch.full((batch,), record.forward_nfe, dtype=torch.long),
+            "n_steps": info["n_steps"],
+            "n_accepted": info["n_accepted"],
+            "n_initialized": initialized.long().cumprod(dim=1).sum(dim=1),
+            "rampde": record,
+        }
+        return Solution(ts=t_eval, ys=ys, stats=stats, status=info["status"])
 
     def __repr__(self):
         return (f"RampdeAdjoint(step_method={self.step_method}, step_size_controller={self.step_size_controller}, "
