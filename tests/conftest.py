@@ -8,6 +8,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same global RNG state, whatever ran before it on its worker."""
+    torch.manual_seed(0)
+
+
 def pytest_report_header(config):
     import importlib.metadata as md
 

@@ -237,7 +237,7 @@ def test_torchode_adaptive_same_steps_and_frozen_step_gradients(method, controll
 
 def test_solve_ivp_rampde_dopri5_keeps_torchodes_default_adaptive_controller():
     field = BatchField()
-    y0 = torch.randn(4, 3, dtype=torch.float64)
+    y0 = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     ours = to.solve_ivp(field, y0, TODE_T_EVAL, method="rampde_dopri5")  # torchode's default PID controller
     host = to.solve_ivp(field, y0, TODE_T_EVAL, method="dopri5")
     assert rel(ours.ys, host.ys) < 1e-10 and torch.equal(ours.stats["n_steps"], host.stats["n_steps"])
@@ -262,12 +262,32 @@ def test_torchode_adaptive_mixed_precision_vs_fp64(policy, bound):
     assert rel(got[0], ref[0]) <= bound and rel(got[1], ref[1]) <= bound
 
 
-def test_torchode_adaptive_status_reached_dt_min_like_torchode():
+def _dt_min_case(tol, dt_min, t_eval):
     field = BatchField()
-    y0 = torch.randn(4, 3, dtype=torch.float64)
-    problem = to.InitialValueProblem(y0, TODE_T_EVAL[:, 0], TODE_T_EVAL[:, -1], TODE_T_EVAL)
-    ctrl = lambda: to.IntegralController(atol=1e-12, rtol=1e-12, dt_min=1e-2)  # noqa: E731
-    dt0 = 0.05 * torch.sign(TODE_T_EVAL[:, -1] - TODE_T_EVAL[:, 0])
+    y0 = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    problem = to.InitialValueProblem(y0, t_eval[:, 0], t_eval[:, -1], t_eval)
+    ctrl = lambda: to.IntegralController(atol=tol, rtol=tol, dt_min=dt_min)  # noqa: E731
+    dt0 = 0.1 * torch.sign(t_eval[:, -1] - t_eval[:, 0])
     host = to.AutoDiffAdjoint(to.Dopri5(to.ODETerm(field)), ctrl()).solve(problem, dt0=dt0)
     ours = RampdeAdjoint(to.Dopri5(to.ODETerm(field)), ctrl(), precision="fp64").solve(problem, dt0=dt0)
-    assert (host.status != 0).any() and torch.equal(ours.status, host.status)
+    return host, ours
+
+
+SAME_SPAN = torch.tensor([[0.0, 1.0, 2.0]] * 4, dtype=torch.float64)
+
+
+def test_torchode_adaptive_status_reached_dt_min_like_torchode():
+    # A running sample wants a step below dt_min: status 2 and the solve stops, here and in torchode.
+    host, ours = _dt_min_case(1e-9, 0.05, SAME_SPAN)
+    assert (host.status == 2).any() and torch.equal(ours.status, host.status)
+    assert torch.equal(ours.stats["n_steps"], host.stats["n_steps"])
+
+
+def test_finished_samples_do_not_abort_the_batch():
+    """Deliberate difference: torchode keeps updating the controller of finished samples, whose step
+    is clamped to 0, so a sample that finishes one step early reports REACHED_DT_MIN and torchode
+    stops every other sample there.  Here a status is only taken while a sample runs."""
+    host, ours = _dt_min_case(1e-12, 1e-3, SAME_SPAN)
+    finished_early = int(host.stats["n_steps"].argmin())
+    assert host.status[finished_early] == 2 and (host.stats["n_initialized"] < 3).any()
+    assert (ours.status == 0).all() and (ours.stats["n_initialized"] == 3).all()
