@@ -38,7 +38,7 @@ from ._manager import (
     uninstall,
     unregister_plugin,
 )
-from ._policy import SCALING_MODES, PrecisionPolicy, ScalerConfig
+from ._policy import SCALING_MODES, PrecisionPolicy, RampdeToleranceWarning, ScalerConfig
 from ._scaler import AdjointScaler
 from ._stats import SolveStats, StatsCollector, collect_stats
 from ._tableau import ButcherTableau
@@ -56,6 +56,7 @@ __all__ = [
     "INTERPOLATIONS",
     "PrecisionPolicy",
     "RampdeAdapterWarning",
+    "RampdeToleranceWarning",
     "Registry",
     "SCALING_MODES",
     "ScalerConfig",

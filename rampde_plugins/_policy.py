@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["PrecisionPolicy", "ScalerConfig", "BUILTIN_POLICIES", "SCALING_MODES"]
+__all__ = ["PrecisionPolicy", "ScalerConfig", "BUILTIN_POLICIES", "SCALING_MODES", "RampdeToleranceWarning", "check_tolerance"]
 
 #: ``"none"``: no adjoint scaling.  ``"dynamic"``: rampde's per-step adjoint scaling with redo on
 #: overflow (for fp16).  ``"inf_signal"``: no scaling of our own; an fp16 overflow in the backward
@@ -203,3 +203,31 @@ BUILTIN_POLICIES = (
         description="fp16 like 'fp16' but unscaled: overflow yields inf gradients for torch.amp.GradScaler",
     ),
 )
+
+
+class RampdeToleranceWarning(UserWarning):
+    """A tolerance below what the policy's velocity precision can resolve."""
+
+
+# Tolerances this far below the unit roundoff of the velocity dtype are below its noise: a
+# velocity rounded to fp16/bf16 has relative error ~eps/2 per evaluation, and the embedded error
+# estimate h * sum(b_err_i k_i) inherits ~h*|f|*eps of noise, so the controller keeps shrinking the
+# step without the error going down.  Measured step counts are in the adaptive tests.
+NOISE_FACTOR = 1e-2
+
+
+def check_tolerance(policy, rtol, where: str) -> None:
+    """Warn (once per call site) when rtol is below what the policy's velocity dtype resolves."""
+    cd = policy.compute_dtype
+    if cd not in (torch.float16, torch.bfloat16):
+        return
+    eps = torch.finfo(cd).eps
+    rmin = float(torch.as_tensor(rtol).min())
+    if rmin < NOISE_FACTOR * eps:
+        warnings.warn(
+            f"{where} with precision={policy.name!r}: rtol={rmin:g} is below the noise of "
+            f"{str(cd).replace('torch.', '')} velocities (unit roundoff {eps:g}); the step size may shrink until "
+            f"max_num_steps or underflow. Use rtol >= {NOISE_FACTOR * eps:.0e} with this policy, or precision='fp32'.",
+            RampdeToleranceWarning,
+            stacklevel=6,
+        )

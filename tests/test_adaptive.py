@@ -8,7 +8,7 @@ from torchdiffeq import odeint
 
 import rampde_plugins
 from rampde_plugins import collect_stats
-from rampde_torchdiffeq._adaptive import RampdeToleranceWarning
+from rampde_plugins import RampdeToleranceWarning
 
 from .helpers import MLPField, linear_problem, rel
 
@@ -291,3 +291,11 @@ def test_finished_samples_do_not_abort_the_batch():
     finished_early = int(host.stats["n_steps"].argmin())
     assert host.status[finished_early] == 2 and (host.stats["n_initialized"] < 3).any()
     assert (ours.status == 0).all() and (ours.stats["n_initialized"] == 3).all()
+
+
+def test_torchode_tolerance_warning():
+    a64, y064 = linear_problem()
+    a, t_eval = a64.float(), torch.tensor([0.0, 0.1]).expand(y064.shape[0], 2)
+    with pytest.warns(RampdeToleranceWarning, match=r"RampdeAdjoint\(IntegralController\) with precision='bf16': rtol=1e-07"):
+        RampdeAdjoint(to.Dopri5(None), to.IntegralController(atol=1e-7, rtol=1e-7), precision="bf16", max_steps=50).solve(
+            to.InitialValueProblem(y064.float(), t_eval[:, 0], t_eval[:, -1], t_eval), term=to.ODETerm(lambda t, y: y @ a))

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import bisect
 import importlib
-import warnings
 
 import torch
 
 from rampde_plugins import StepController
+from rampde_plugins._policy import RampdeToleranceWarning, check_tolerance  # noqa: F401 (re-exported)
 
 ADAPTIVE_OPTIONS = {
     "first_step": "initial step size (default: torchdiffeq's selection)",
@@ -30,34 +30,6 @@ ADAPTIVE_OPTIONS = {
     "max_step": "largest step size (inf)",
     "dtype": "dtype of the step-size arithmetic (float64; widened to the state dtype)",
 }
-
-
-class RampdeToleranceWarning(UserWarning):
-    """A tolerance below what the policy's velocity precision can resolve."""
-
-
-# Tolerances this far below the unit roundoff of the velocity dtype are below its noise: a
-# velocity rounded to fp16/bf16 has relative error ~eps/2 per evaluation, and the embedded error
-# estimate h * sum(b_err_i k_i) inherits ~h*|f|*eps of noise, so the controller keeps shrinking the
-# step without the error going down.  Measured step counts are in the adaptive tests.
-NOISE_FACTOR = 1e-2
-
-
-def check_tolerance(policy, rtol, method: str) -> None:
-    """Warn (once per call site) when rtol is below what the policy's velocity dtype resolves."""
-    cd = policy.compute_dtype
-    if cd not in (torch.float16, torch.bfloat16):
-        return
-    eps = torch.finfo(cd).eps
-    rmin = float(torch.as_tensor(rtol).min())
-    if rmin < NOISE_FACTOR * eps:
-        warnings.warn(
-            f"odeint(method={method!r}, precision={policy.name!r}): rtol={rmin:g} is below the noise of "
-            f"{str(cd).replace('torch.', '')} velocities (unit roundoff {eps:g}); the step size may shrink until "
-            f"max_num_steps or underflow. Use rtol >= {NOISE_FACTOR * eps:.0e} with this policy, or precision='fp32'.",
-            RampdeToleranceWarning,
-            stacklevel=5,
-        )
 
 
 class TorchdiffeqController(StepController):

@@ -168,7 +168,7 @@ class RampdeFixedGridSolver:
         if callback is not None and _is_null_callback(callback):
             callback = None
         if self.adaptive:
-            check_tolerance(policy, self.rtol, self.method)
+            check_tolerance(policy, self.rtol, f"odeint(method={self.method!r})")
             controller = TorchdiffeqController(
                 self.func, self.y0, self.tableau.order, self.rtol, self.atol, self.norm,
                 method=self.method, **opts["adaptive"],

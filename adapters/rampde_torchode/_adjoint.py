@@ -34,6 +34,7 @@ from rampde_plugins import (
     solve_batched,
     solve_batched_adaptive,
 )
+from rampde_plugins._policy import check_tolerance
 from rampde_plugins._tableau import BUILTIN_TABLEAUS
 
 PARAM_HINT = "pass them explicitly: RampdeAdjoint(step_method, controller, params=(A, b))"
@@ -346,6 +347,9 @@ class RampdeAdjoint(torch.nn.Module):
         if dt0 is not None:
             dt0 = torch.as_tensor(dt0, dtype=problem.time_dtype, device=y0.device).expand(y0.shape[0])
         policy = resolve_policy(self.precision, device_type=y0.device.type, state_dtype=y0.dtype)
+        rtol = getattr(self.step_size_controller, "rtol", None)
+        if rtol is not None:
+            check_tolerance(policy, rtol, f"RampdeAdjoint({type(self.step_size_controller).__name__})")
         f = term.f if not term.with_args else functools.partial(_with_args, term.f, args)
         params = self.params if self.params is not None else tuple(term.parameters())
         order = int(method.convergence_order())
