@@ -22,8 +22,9 @@ def rel(a, b):
 class MLPField(torch.nn.Module):
     """A small non-autonomous vector field f(t, y) = W2 tanh(W1 y + b1) cos(t) + b2."""
 
-    def __init__(self, dim=3, hidden=16, dtype=torch.float64, seed=0):
+    def __init__(self, dim=3, hidden=16, dtype=torch.float64, seed=0, batched_time=False):
         super().__init__()
+        self.batched_time = batched_time  # torchode passes t of shape (batch,)
         g = torch.Generator().manual_seed(seed)
         self.l1 = torch.nn.Linear(dim, hidden, dtype=dtype)
         self.l2 = torch.nn.Linear(hidden, dim, dtype=dtype)
@@ -32,7 +33,8 @@ class MLPField(torch.nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.5)
 
     def forward(self, t, y):
-        return self.l2(torch.tanh(self.l1(y))) * torch.cos(t)
+        c = torch.cos(t)
+        return self.l2(torch.tanh(self.l1(y))) * (c[:, None] if self.batched_time else c)
 
 
 def linear_problem(dim=10, batch=12, seed=0):

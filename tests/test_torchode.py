@@ -11,7 +11,7 @@ import rampde_plugins
 from rampde_plugins import ButcherTableau, collect_stats, hookimpl
 from rampde_torchode import RampdeAdjoint, fixed_step_grid
 
-from .helpers import linear_problem, rel
+from .helpers import MLPField, linear_problem, rel
 
 interface = importlib.import_module("torchode.interface")
 HOST_STEP_METHODS = [to.Euler, to.Heun, to.Dopri5, to.Tsit5]
@@ -22,18 +22,8 @@ T_EVAL = torch.tensor([[0.0, 0.3, 0.7, 1.0], [0.2, 0.5, 0.9, 1.6], [1.0, 0.8, 0.
 DT0 = torch.tensor([0.1, 0.07, -0.09, 0.04], dtype=torch.float64)
 
 
-class Field(torch.nn.Module):
-    def __init__(self, dim=3, hidden=8, dtype=torch.float64):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.l1 = torch.nn.Linear(dim, hidden, dtype=dtype)
-        self.l2 = torch.nn.Linear(hidden, dim, dtype=dtype)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.6)
-
-    def forward(self, t, y):
-        return self.l2(torch.tanh(self.l1(y))) * torch.cos(t)[:, None]
+def Field(dim=3, hidden=8, dtype=torch.float64):  # noqa: N802 (used like a class)
+    return MLPField(dim=dim, hidden=hidden, dtype=dtype, batched_time=True)
 
 
 def _problem(y0, t_eval):

@@ -243,78 +243,80 @@ class RampdeAdjoint(torch.nn.Module):
         term = term if term is not None else getattr(method, "term", None)
         if term is None:
             raise ValueError("no ODE term: pass term= to solve() or construct the step method with one")
-        adaptive = not isinstance(self.step_size_controller, FixedStepController)
-        if adaptive and not all(hasattr(self.step_size_controller, m) for m in ("init", "adapt_step_size", "merge_states")):
+        controller = self.step_size_controller
+        adaptive = not isinstance(controller, FixedStepController)
+        if adaptive and not all(hasattr(controller, m) for m in ("init", "adapt_step_size", "merge_states")):
             raise TypeError(
-                f"RampdeAdjoint: {type(self.step_size_controller).__name__} is not a torchode step-size controller "
+                f"RampdeAdjoint: {type(controller).__name__} is not a torchode step-size controller "
                 "(needs init, adapt_step_size and merge_states)"
             )
-        y0 = problem.y0
+        y0, t_start, t_end = problem.y0, problem.t_start, problem.t_end
         if y0.ndim != 2:
             raise ValueError(f"y0 must be (batch, features) as in torchode, got shape {tuple(y0.shape)}; flatten it")
-        t_start, t_end, t_eval = problem.t_start, problem.t_end, problem.t_eval
         time_dtype = t_start.dtype
         if time_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"time dtype {time_dtype}: use float32 or float64 (fp16 time cannot resolve small steps)")
+        tableau = tableau_of(method)
+        if adaptive and (tableau.b_err is None or not any(x != 0.0 for x in tableau.b_err)):
+            raise ValueError(
+                f"{method!r} has no error estimate, so {type(controller).__name__} cannot adapt its "
+                "steps; use torchode.FixedStepController() with dt0, or an embedded method (Dopri5, Tsit5, Heun)"
+            )
         batch = y0.shape[0]
-        if adaptive:
-            return self._solve_adaptive(problem, term, dt0, args)
-        if dt0 is None:
+        if dt0 is not None:
+            dt0 = torch.as_tensor(dt0, dtype=time_dtype, device=y0.device).expand(batch)
+            direction = torch.where(t_end > t_start, 1, -1).to(time_dtype)
+            bad = ~((dt0 * direction > 0) & torch.isfinite(dt0))
+            if bool(bad.any()):
+                b = int(torch.nonzero(bad)[0])
+                raise ValueError(
+                    f"dt0 must be finite, non-zero and point from t_start to t_end; sample {b} has dt0={dt0[b].item()!r} "
+                    f"for t_start={t_start[b].item()!r}, t_end={t_end[b].item()!r}"
+                )
+        elif not adaptive:
             raise ValueError(
                 f"fixed-step solving with {method!r} needs dt0 (torchode would pick a ~1e-9 step for a "
                 "method without error estimate): pass dt0=h, a number or a (batch,) tensor"
             )
-        dt0 = torch.as_tensor(dt0, dtype=time_dtype, device=y0.device).expand(batch)
-        direction = torch.where(t_end > t_start, 1, -1).to(time_dtype)
-        bad = ~((dt0 * direction > 0) & torch.isfinite(dt0))
-        if bool(bad.any()):
-            b = int(torch.nonzero(bad)[0])
-            raise ValueError(
-                f"dt0 must be finite, non-zero and point from t_start to t_end; sample {b} has dt0={dt0[b].item()!r} "
-                f"for t_start={t_start[b].item()!r}, t_end={t_end[b].item()!r}"
-            )
-        if t_eval is None:
-            t_eval = t_end[:, None]
-        else:
-            lo = torch.minimum(t_start, t_end)[:, None]
-            hi = torch.maximum(t_start, t_end)[:, None]
-            outside = (t_eval < lo) | (t_eval > hi)
-            if bool(outside.any()):
-                b, j = (int(x) for x in torch.nonzero(outside)[0])
-                raise ValueError(
-                    f"t_eval[{b}, {j}]={t_eval[b, j].item()!r} lies outside sample {b}'s span "
-                    f"[{t_start[b].item()!r}, {t_end[b].item()!r}]"
-                )
+        t_eval = self._check_t_eval(problem)
         policy = resolve_policy(self.precision, device_type=y0.device.type, state_dtype=y0.dtype)
-        grid_values, anchored, n_steps, reached_max = fixed_step_grid(t_start, t_end, dt0, self.max_steps)
-        # Exact values with torchode's arithmetic; derivatives: d grid / d t_start = 1 before the
-        # clamped last step, d grid / d t_end = 1 from it on (the step size dt0 is a constant).
-        anchored = anchored.to(time_dtype)
-        grid = grid_values + (1 - anchored) * (t_start - t_start.detach()) + anchored * (t_end - t_end.detach())
-
-        f = term.f
-        if term.with_args:
-            f = functools.partial(_with_args, term.f, args)
-        params = self.params if self.params is not None else tuple(term.parameters())
-        tableau = tableau_of(method)
+        f = term.f if not term.with_args else functools.partial(_with_args, term.f, args)
+        common = dict(
+            tableau=tableau, policy=policy, params=self.params if self.params is not None else tuple(term.parameters()),
+            scaler=self.scaler, param_hint=PARAM_HINT,
+            method=f"rampde_{tableau.name}" if isinstance(method, RampdeStepMethod) else tableau.name,
+        )
         outputs = BatchedOutputs(t_eval, make_interpolant(method, problem))
         from rampde_plugins import collect_stats
 
         with collect_stats() as collected:
-            ys = solve_batched(
-                f, y0, grid, outputs, tableau=tableau, policy=policy, params=params, scaler=self.scaler,
-                method=f"rampde_{tableau.name}" if isinstance(method, RampdeStepMethod) else tableau.name,
-                param_hint=PARAM_HINT,
-            )
+            if adaptive:
+                rtol = getattr(controller, "rtol", None)
+                if rtol is not None:
+                    check_tolerance(policy, rtol, f"RampdeAdjoint({type(controller).__name__})")
+                ys, info = solve_batched_adaptive(
+                    f, y0, t_start, t_end, outputs, controller=TorchodeController(controller, problem,
+                                                                                 int(method.convergence_order()), args),
+                    dt0=dt0, max_steps=self.max_steps, **common,
+                )
+                n_steps, n_accepted, status = info["n_steps"], info["n_accepted"], info["status"]
+            else:
+                grid_values, anchored, n_steps, reached_max = fixed_step_grid(t_start, t_end, dt0, self.max_steps)
+                # Exact values with torchode's arithmetic; derivatives: d grid / d t_start = 1 before the
+                # clamped last step, d grid / d t_end = 1 from it on (the step size dt0 is a constant).
+                anchored = anchored.to(time_dtype)
+                grid = grid_values + (1 - anchored) * (t_start - t_start.detach()) + anchored * (t_end - t_end.detach())
+                ys = solve_batched(f, y0, grid, outputs, **common)
+                n_steps, n_accepted = n_steps.to(y0.device), n_steps.to(y0.device)
+                status = torch.full((batch,), status_codes.SUCCESS, dtype=torch.long, device=y0.device)
+                if reached_max:
+                    status = torch.where(n_steps >= self.max_steps, status_codes.REACHED_MAX_STEPS, status)
         record = collected.last
-        status = torch.full((batch,), status_codes.SUCCESS, dtype=torch.long, device=y0.device)
-        if reached_max:
-            status = torch.where(n_steps >= self.max_steps, status_codes.REACHED_MAX_STEPS, status)
         initialized = ~torch.isnan(ys.detach().reshape(batch, ys.shape[1], -1)).any(dim=2)
         stats = {
             "n_f_evals": torch.full((batch,), record.forward_nfe, dtype=torch.long),
-            "n_steps": n_steps.to(y0.device),
-            "n_accepted": n_steps.to(y0.device),
+            "n_steps": n_steps,
+            "n_accepted": n_accepted,
             "n_initialized": initialized.long().cumprod(dim=1).sum(dim=1),
             "rampde": record,
         }
@@ -334,47 +336,6 @@ class RampdeAdjoint(torch.nn.Module):
                 f"[{t_start[b].item()!r}, {t_end[b].item()!r}]"
             )
         return t_eval
-
-    def _solve_adaptive(self, problem, term, dt0, args):
-        method, y0 = self.step_method, problem.y0
-        tableau = tableau_of(method)
-        if tableau.b_err is None or not any(x != 0.0 for x in tableau.b_err):
-            raise ValueError(
-                f"{method!r} has no error estimate, so {type(self.step_size_controller).__name__} cannot adapt its "
-                "steps; use torchode.FixedStepController() with dt0, or an embedded method (Dopri5, Tsit5, Heun)"
-            )
-        t_eval = self._check_t_eval(problem)
-        if dt0 is not None:
-            dt0 = torch.as_tensor(dt0, dtype=problem.time_dtype, device=y0.device).expand(y0.shape[0])
-        policy = resolve_policy(self.precision, device_type=y0.device.type, state_dtype=y0.dtype)
-        rtol = getattr(self.step_size_controller, "rtol", None)
-        if rtol is not None:
-            check_tolerance(policy, rtol, f"RampdeAdjoint({type(self.step_size_controller).__name__})")
-        f = term.f if not term.with_args else functools.partial(_with_args, term.f, args)
-        params = self.params if self.params is not None else tuple(term.parameters())
-        order = int(method.convergence_order())
-        outputs = BatchedOutputs(t_eval, make_interpolant(method, problem))
-        controller = TorchodeController(self.step_size_controller, problem, order, args)
-        from rampde_plugins import collect_stats
-
-        with collect_stats() as collected:
-            ys, info = solve_batched_adaptive(
-                f, y0, problem.t_start, problem.t_end, outputs, tableau=tableau, policy=policy,
-                controller=controller, dt0=dt0, max_steps=self.max_steps, params=params, scaler=self.scaler,
-                method=f"rampde_{tableau.name}" if isinstance(method, RampdeStepMethod) else tableau.name,
-                param_hint=PARAM_HINT,
-            )
-        record = collected.last
-        batch = y0.shape[0]
-        initialized = ~torch.isnan(ys.detach().reshape(batch, ys.shape[1], -1)).any(dim=2)
-        stats = {
-            "n_f_evals": torch.full((batch,), record.forward_nfe, dtype=torch.long),
-            "n_steps": info["n_steps"],
-            "n_accepted": info["n_accepted"],
-            "n_initialized": initialized.long().cumprod(dim=1).sum(dim=1),
-            "rampde": record,
-        }
-        return Solution(ts=t_eval, ys=ys, stats=stats, status=info["status"])
 
     def __repr__(self):
         return (f"RampdeAdjoint(step_method={self.step_method}, step_size_controller={self.step_size_controller}, "
