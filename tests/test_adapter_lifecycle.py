@@ -8,7 +8,7 @@ from torchdiffeq import odeint
 
 import rampde_plugins
 
-from .helpers import MLPField
+from .helpers import MLPField, needs_torchdiffeq_callbacks
 
 odeint_mod = importlib.import_module("torchdiffeq._impl.odeint")
 adjoint_mod = importlib.import_module("torchdiffeq._impl.adjoint")
@@ -52,6 +52,7 @@ def test_unknown_adapter_name():
         rampde_plugins.install("jax")
 
 
+@needs_torchdiffeq_callbacks
 def test_callbacks_are_called_per_step():
     calls, adjoint_calls = [], []
 

@@ -10,7 +10,7 @@ import rampde_plugins
 from rampde_plugins import collect_stats
 from rampde_plugins import RampdeToleranceWarning
 
-from .helpers import MLPField, linear_problem, rel
+from .helpers import MLPField, linear_problem, needs_torchdiffeq_callbacks, rel
 
 EMBEDDED = ["dopri5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8"]
 T = torch.tensor([0.0, 0.35, 1.0, 1.7, 3.0], dtype=torch.float64)
@@ -39,6 +39,7 @@ KW = {m: dict(rtol=1e-5, atol=1e-7) for m in EMBEDDED}
 KW["dopri8"] = dict(rtol=1e-4, atol=1e-6, options={"first_step": 0.3})
 
 
+@needs_torchdiffeq_callbacks
 @pytest.mark.parametrize("method", EMBEDDED)
 def test_fp64_same_steps_and_solution_as_torchdiffeq(method):
     y0 = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

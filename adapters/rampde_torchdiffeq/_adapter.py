@@ -124,6 +124,23 @@ class TorchdiffeqAdapter(HostAdapter):
             )
         if not all(hasattr(cls, "integrate") for cls in solvers.values()):
             raise UnsupportedHostError(f"torchdiffeq {self.host_version()}: solver classes have no integrate(t)")
+        # The rampde solver calls f beneath torchdiffeq's outermost wrapper _PerturbFunc (0.2.0+); a
+        # torchdiffeq without it (0.1.x) hands over f wrapped only for tuple states / decreasing time,
+        # and unwrapping that would solve a decreasing t silently wrong.
+        missing = []
+        try:
+            misc = importlib.import_module("torchdiffeq._impl.misc")
+        except ImportError:
+            misc = None
+        if not isinstance(getattr(misc, "_PerturbFunc", None), type):
+            missing.append("torchdiffeq._impl.misc._PerturbFunc")
+        if "event_fn" not in inspect.signature(check).parameters:
+            missing.append("_check_inputs(..., event_fn, ...)")
+        if missing:
+            raise UnsupportedHostError(
+                f"torchdiffeq {self.host_version()} lacks {' and '.join(missing)} (torchdiffeq >= 0.2.0); "
+                f"supported: {self.supported}"
+            )
         try:
             adjoint_mod = importlib.import_module("torchdiffeq._impl.adjoint")
         except ImportError:

@@ -45,5 +45,9 @@ def rampde_register_tableaus(registry):
         return
     from ._adapter import host_tableaus
 
-    for tableau in host_tableaus():
+    try:
+        tableaus = host_tableaus()
+    except (ImportError, AttributeError, TypeError):
+        return  # a torchode without Dopri5/Tsit5 tableaus: installing the adapter says what it lacks
+    for tableau in tableaus:
         registry.add_tableau(tableau, shared=True)

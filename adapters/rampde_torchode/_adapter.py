@@ -63,6 +63,8 @@ class TorchodeAdapter(HostAdapter):
         try:
             interface = importlib.import_module("torchode.interface")
             torchode = importlib.import_module("torchode")
+            runge_kutta = importlib.import_module("torchode.single_step_methods.runge_kutta")
+            status_codes = importlib.import_module("torchode.status_codes")
         except ImportError as exc:
             raise UnsupportedHostError(f"cannot import torchode ({exc}); supported: {self.supported}") from None
         needs = {
@@ -71,7 +73,11 @@ class TorchodeAdapter(HostAdapter):
             "solve_ivp": callable(getattr(interface, "solve_ivp", None)),
             "AutoDiffAdjoint": isinstance(getattr(interface, "AutoDiffAdjoint", None), type),
             "FixedStepController": hasattr(torchode, "FixedStepController"),
-            "ExplicitRungeKutta": hasattr(importlib.import_module("torchode.single_step_methods.runge_kutta"), "ERKInterpolationData"),
+            "ExplicitRungeKutta": hasattr(runge_kutta, "ERKInterpolationData"),
+            # RampdeAdjoint reports statuses with the int constants (torchode >= 0.1.6; before: the enum only)
+            "status_codes.SUCCESS/REACHED_MAX_STEPS": all(
+                isinstance(getattr(status_codes, n, None), int) for n in ("SUCCESS", "REACHED_MAX_STEPS")
+            ),
         }
         missing = [k for k, ok in needs.items() if not ok]
         if missing:
