@@ -85,3 +85,67 @@ def rel_err(a, b) -> float:
 def default_precision(device: torch.device) -> str:
     """bf16 on CPUs (fast bf16 matmul, fp16 is emulated and slow); fp16 on CUDA (tensor cores)."""
     return "fp16" if device.type == "cuda" else "bf16"
+
+
+# -- process memory (the benchmark suite) ------------------------------------------------------------
+def current_rss_bytes() -> int:
+    """Resident set size now (/proc/self/statm; falls back to the peak where /proc is missing)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return ru_maxrss_bytes()
+
+
+def ru_maxrss_bytes() -> int:
+    """``getrusage(RUSAGE_SELF).ru_maxrss`` in bytes (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return value if sys.platform == "darwin" else value * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False where impossible.
+
+    Without the reset, a peak set earlier (imports, building the model) would hide a smaller
+    iteration's peak.  The reset moves /proc/self/status VmHWM; it does not move ``ru_maxrss`` in a
+    child process, which also keeps the high-water mark of the *parent* at fork/exec time.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> tuple[int, str]:
+    """Peak RSS since the last :func:`reset_peak_rss` (VmHWM), else ``ru_maxrss``; with the source."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "VmHWM"
+    except OSError:
+        pass
+    return ru_maxrss_bytes(), "ru_maxrss"
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the C allocator's free pages back to the OS (glibc ``malloc_trim``).
+
+    So that an iteration's allocations show up as RSS growth instead of being served from pages
+    that happen to be resident already.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,68 @@
+"""The benchmark suite runs end to end at tiny sizes (so it cannot rot) and writes all its outputs.
+
+Only the plumbing is checked: every problem and every configuration is present, each either measured
+(finite, positive time and memory) or skipped with a reason.  No timing is asserted.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench import CONFIGS  # noqa: E402
+from _problems import PROBLEMS, SCALING_STEPS_SMOKE  # noqa: E402
+
+
+def _check(where, r):
+    assert r["status"] in ("ok", "skipped"), f"{where}: {r}"
+    if r["status"] == "skipped":
+        assert r["reason"], where
+        return
+    t, m = r["time_ms"]["median"], r["memory"]["peak_growth_bytes"]
+    assert math.isfinite(t) and t > 0, f"{where}: time {t}"
+    # RSS moves in whole pages and a tiny field's discrete adjoint (problem (b): a few KiB) can fit
+    # into pages already resident: 0 is a valid reading.  Activation-storing runs must show growth.
+    assert math.isfinite(m) and m >= 0, f"{where}: memory {m}"
+    if where.endswith("torchdiffeq fp32"):
+        assert m > 0, f"{where}: memory {m}"
+    assert r["fwd_nfe"] > 0, where
+
+
+def test_bench_smoke(tmp_path):
+    # Warnings are errors here too (as in pytest's own config), in the suite and in its workers.
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--smoke", "--device", "cpu",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
+
+    results = json.loads((tmp_path / "results-cpu.json").read_text())
+    names = [c.name for c in CONFIGS]
+    assert set(results["problems"]) == set(PROBLEMS)
+    for key, problem in results["problems"].items():
+        assert problem["reference"]["status"] == "ok"
+        assert list(problem["configs"]) == names
+        for name, r in problem["configs"].items():
+            _check(f"({key}) {name}", r)
+            if r["status"] == "ok":
+                assert math.isfinite(r["grad_rel_err"]) and r["grad_rel_err"] >= 0, f"({key}) {name}"
+    scaling = results["scaling"]["configs"]
+    assert list(scaling) == names
+    for name, rows in scaling.items():
+        assert set(rows) == {str(n) for n in SCALING_STEPS_SMOKE}
+        for n, r in rows.items():
+            _check(f"(e) N={n} {name}", r)
+    assert {t["problem"] for t in results["targets"]} == {"a", "b"}
+    assert all(t["met"] in (True, False) for t in results["targets"])
+    for field in ("torch", "torchdiffeq", "torchode"):
+        assert results["machine"][field]
+
+    md = (tmp_path / "results-cpu.md").read_text()
+    assert "## (a)" in md and "## (e)" in md and "Targets" in md
+    assert md.strip() in proc.stdout
+    assert (tmp_path / "scaling-cpu.png").stat().st_size > 10_000
