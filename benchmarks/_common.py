@@ -3,53 +3,10 @@
 from __future__ import annotations
 
 import platform
-import weakref
 
 import torch
 
-
-class SavedTensorMeter:
-    """Peak bytes of tensors that autograd keeps alive (saved for backward), via saved_tensors_hooks.
-
-    On a CPU this is the part of memory that grows with the number of steps and the network's
-    activations -- the quantity the discrete adjoint is about -- measured exactly and without
-    process-wide noise (RSS only grows and includes the allocator's caches).
-    """
-
-    def __init__(self) -> None:
-        self.live = 0
-        self.peak = 0
-
-    def _pack(self, tensor):
-        box = _Box(tensor)
-        n = tensor.numel() * tensor.element_size()
-        self.live += n
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(box, self._release, n)
-        return box
-
-    def _release(self, n):
-        self.live -= n
-
-    @staticmethod
-    def _unpack(box):
-        return box.tensor
-
-    def __enter__(self):
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
-
-
-class _Box:
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor):
-        # Detached: a saved output would otherwise reference its own graph node (a cycle).
-        self.tensor = tensor.detach()
+from rampde_plugins._stats import SavedTensorMeter  # noqa: F401  (re-exported for the main job)
 
 
 def machine_info(device: torch.device) -> dict:

@@ -2,7 +2,6 @@
 
 import contextlib
 import math
-import weakref
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from torchdiffeq import odeint
 
 import rampde_plugins
 from rampde_plugins import AdjointScaler, PrecisionPolicy, collect_stats
+from rampde_plugins._stats import SavedTensorMeter
 
 from .helpers import linear_problem, rel
 
@@ -189,39 +189,6 @@ def test_stored_state_bytes_low_precision_about_half_of_fp32():
     assert sizes["fp16"] <= 0.55 * sizes["fp32"] and sizes["bf16"] <= 0.55 * sizes["fp32"]
 
 
-class _LiveSaved:
-    """Counts bytes held by autograd's saved tensors, live and at peak (via saved_tensors_hooks)."""
-
-    def __init__(self):
-        self.live = self.peak = self.total = 0
-
-    def pack(self, tensor):
-        box = _Box(tensor)
-        n = tensor.numel() * tensor.element_size()
-        self.live += n
-        self.total += n
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(box, self._release, n)
-        return box
-
-    def _release(self, n):
-        self.live -= n
-
-    @staticmethod
-    def unpack(box):
-        return box.tensor
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-
-class _Box:
-    def __init__(self, tensor):
-        # detach: a saved *output* would otherwise point back to its own node (a C++ reference cycle
-        # that keeps the graph alive and makes the count wrong)
-        self.tensor = tensor.detach()
-
-
 @pytest.mark.parametrize("policy", ["fp32", "bf16"])
 def test_no_graph_survives_between_steps(policy):
     """Forward saves only the stored states; backward holds one step's graph at a time."""
@@ -230,13 +197,11 @@ def test_no_graph_survives_between_steps(policy):
     y0 = torch.randn(batch, dim)
     results = {}
     for n in (16, 64):
-        counter = _LiveSaved()
-        with counter.hooks():
+        with SavedTensorMeter() as counter:
             y = odeint(lambda t, y: net(y), y0, torch.tensor([0.0, 1.0]), method="rampde_rk4",
                        options={"step_size": 1 / n, "precision": policy, "adjoint_params": tuple(net.parameters())})
         forward_saved = counter.live  # what the forward leaves for the backward
-        counter2 = _LiveSaved()
-        with counter2.hooks():
+        with SavedTensorMeter() as counter2:
             y[-1].square().sum().backward()
         results[n] = (forward_saved, counter2.peak)
     storage = torch.tensor([], dtype=rampde_plugins.get_registry().policy(policy).storage).element_size()
