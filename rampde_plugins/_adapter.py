@@ -38,6 +38,7 @@ class HostAdapter:
         self.installed = False
         self._patches: list[tuple[object, str, object, object]] = []
         self._entries: list[tuple[dict, str, object]] = []
+        self._added: set[str] = set()  # method names this adapter put into its host
 
     # -- reversible patching (used by install/uninstall) ---------------------------------------
     def _patch_attr(self, owner, name: str, replacement) -> object:
@@ -47,10 +48,15 @@ class HostAdapter:
         self._patches.append((owner, name, original, replacement))
         return original
 
-    def _add_entry(self, table: dict, key: str, value) -> None:
-        """Add ``table[key] = value`` (a method table of the host), remembering it."""
-        table[key] = value
+    def _add_entry(self, table: dict, key: str, value, *, set_it: bool = True) -> None:
+        """Add ``table[key] = value`` (a method table of the host), remembering it as our method.
+
+        ``set_it=False`` records an entry the host's own registration function already made.
+        """
+        if set_it:
+            table[key] = value
         self._entries.append((table, key, value))
+        self._added.add(key)
 
     def _undo(self) -> None:
         """Restore what ``_patch_attr``/``_add_entry`` changed -- only where nobody changed it since."""
@@ -62,6 +68,7 @@ class HostAdapter:
                 setattr(owner, name, original)
         self._entries.clear()
         self._patches.clear()
+        self._added.clear()
 
     def host_available(self) -> bool:
         return importlib.util.find_spec(self.host_module) is not None
@@ -76,9 +83,15 @@ class HostAdapter:
         """Expose every tableau of ``registry`` in the host library (idempotent)."""
         raise NotImplementedError
 
-    def uninstall(self) -> None:  # pragma: no cover - interface
+    def uninstall(self) -> None:
         """Undo everything ``install`` did (idempotent)."""
-        raise NotImplementedError
+        if self.installed:
+            self._undo()
+            self.installed = False
+
+    def owns(self, method) -> bool:
+        """Is ``method`` a name this adapter put into its host?"""
+        return isinstance(method, str) and method in self._added
 
     def refresh(self, registry) -> None:
         """Re-sync the exposed methods after plugins were registered or unregistered."""
@@ -88,4 +101,4 @@ class HostAdapter:
 
     def methods(self) -> list[str]:
         """Names this adapter has put into its host library."""
-        return []
+        return sorted(self._added)

@@ -102,7 +102,6 @@ class TorchdiffeqAdapter(HostAdapter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._added: set[str] = set()
         self._adjoint_backward_code = None
 
     # -- capability checks ---------------------------------------------------------------------
@@ -148,12 +147,6 @@ class TorchdiffeqAdapter(HostAdapter):
         return odeint_mod, solvers, adjoint_mod
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def owns(self, method: str) -> bool:
-        return method in self._added
-
-    def methods(self) -> list[str]:
-        return sorted(self._added)
-
     def install(self, registry) -> None:
         if self.installed:
             return
@@ -164,19 +157,11 @@ class TorchdiffeqAdapter(HostAdapter):
             raise UnsupportedHostError(f"torchdiffeq already defines method(s) {clash}; rampde will not replace them")
         for key, tab in wanted.items():
             self._add_entry(solvers, key, make_solver_class(tab))
-            self._added.add(key)
         self._patch(odeint_mod, "_check_inputs", in_adjoint=False)
         if adjoint_mod is not None and callable(getattr(adjoint_mod, "_check_inputs", None)):
             self._patch(adjoint_mod, "_check_inputs", in_adjoint=True)
         self._adjoint_backward_code = _code_of("torchdiffeq._impl.adjoint", "OdeintAdjointMethod.backward")
         self.installed = True
-
-    def uninstall(self) -> None:
-        if not self.installed:
-            return
-        self._undo()
-        self._added.clear()
-        self.installed = False
 
     def _patch(self, module, attr: str, in_adjoint: bool) -> None:
         original = getattr(module, attr)

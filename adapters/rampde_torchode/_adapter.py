@@ -55,10 +55,6 @@ class TorchodeAdapter(HostAdapter):
     host_distribution = "torchode"
     supported = ">=0.2.0,<1.1"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._added: set[str] = set()
-
     def _host(self):
         try:
             interface = importlib.import_module("torchode.interface")
@@ -86,12 +82,6 @@ class TorchodeAdapter(HostAdapter):
             )
         return interface, torchode
 
-    def owns(self, method) -> bool:
-        return isinstance(method, str) and method in self._added
-
-    def methods(self) -> list[str]:
-        return sorted(self._added)
-
     def install(self, registry) -> None:
         if self.installed:
             return
@@ -104,8 +94,7 @@ class TorchodeAdapter(HostAdapter):
         for name in registry.tableaus:
             key = PREFIX + name
             interface.register_method(key, functools.partial(RampdeStepMethod, name))
-            self._entries.append((interface.METHODS, key, interface.METHODS[key]))
-            self._added.add(key)
+            self._add_entry(interface.METHODS, key, interface.METHODS[key], set_it=False)
 
         original_adjoint = interface.AutoDiffAdjoint
 
@@ -138,13 +127,6 @@ class TorchodeAdapter(HostAdapter):
         if getattr(torchode, "solve_ivp", None) is original_solve:
             self._patch_attr(torchode, "solve_ivp", solve_ivp)
         self.installed = True
-
-    def uninstall(self) -> None:
-        if not self.installed:
-            return
-        self._undo()
-        self._added.clear()
-        self.installed = False
 
 
 __all__ = ["TorchodeAdapter", "HOST_METHODS", "host_tableaus"]
