@@ -24,15 +24,16 @@ leave their state unchanged exactly).  Where outputs fall and how they are inter
 
 from __future__ import annotations
 
+import contextlib
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._policy import PrecisionPolicy
+from ._probe import GraphCheck, sequence_mark
+from ._replay import StepReplay
 from ._scaler import AdjointScaler
 from ._stats import _new_record
 from ._tableau import ButcherTableau
@@ -94,7 +95,8 @@ class StepData:
         """f(t1, y1) in the state dtype, evaluated once (cubic Hermite output needs it)."""
         if self._f1 is None:
             prob = self._prob
-            self._f1 = prob.f(self.t1, self.y1).to(prob.policy.state_dtype)
+            with prob.autocast():
+                self._f1 = prob.f(self.t1, self.y1).to(prob.policy.state_dtype)
             prob.nfe_extra += 1
         return self._f1
 
@@ -289,12 +291,24 @@ class _Problem:
     # stored and its cotangent flows into the previous step (see _backward)
     carried_k0: dict = field(default_factory=dict)
     precomputed: tuple | None = None
+    # what recomputed steps must see again (random numbers, buffers); None without a backward
+    replay: StepReplay | None = None
+    # the hidden-tensor walk over every graph the engine builds
+    check: GraphCheck | None = None
+    callback_accept_step_adjoint: Callable | None = None
+    forward_runs: int = 0
+    watch: bool = False  # a forward without adjoint graph, in grad mode: field outputs must not need grad
 
     def autocast(self):
         cd = self.policy.compute_dtype
         if cd is None:
             return torch.autocast(self.device_type, enabled=False)
         return torch.autocast(self.device_type, dtype=cd)
+
+    def full_precision(self):
+        """Outputs between steps are formed in the state dtype: a host's dense output (matmuls with
+        its interpolation weights) would otherwise run at the compute precision under autocast."""
+        return torch.autocast(self.device_type, enabled=False)
 
     def stage_times(self, t0: torch.Tensor, t1: torch.Tensor, h: torch.Tensor, first_next=None) -> list[torch.Tensor]:
         """Times of the stages of one step (or of all steps at once), differentiable in t0 and t1.
@@ -364,49 +378,78 @@ class _Problem:
         return _axpy(y, h, ks, tab.b), ks
 
 
-def _foreign_leaves(out: torch.Tensor, params, passed) -> list:
-    """Weak references to the leaves requiring grad that ``out`` depends on, minus known ones.
-
-    Walks the graph of one velocity evaluation.  Only weak references are kept so that, once the
-    caller drops ``out``, leaves created inside ``f`` (e.g. ``y.detach().requires_grad_()`` in a CNF)
-    die with the graph; whatever is still alive is held by someone else -- a closure or a module
-    attribute -- and would silently get no gradient from the discrete adjoint.
-    """
-    if not out.requires_grad or out.grad_fn is None:
-        return []
-    known = {id(p) for p in params} | {id(x) for x in passed}
-    stop_nodes = {p.grad_fn for p in params if p.grad_fn is not None}
-    seen, stack, refs = set(), [out.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in stop_nodes:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            if id(variable) not in known:
-                refs.append(weakref.ref(variable))
-            continue
-        stack.extend(n for n, _ in node.next_functions)
-    return refs
+def _probe_first(prob: _Problem, t_first, y):
+    """The field's first evaluation, with a graph, checked for hidden tensors; reused as a stage."""
+    mark = sequence_mark()
+    with torch.enable_grad():
+        k0 = prob.f(t_first, y)
+        if not isinstance(k0, torch.Tensor):
+            raise TypeError(f"the vector field must return a tensor, got {type(k0).__name__}")
+        refs, outside = prob.check.scan([k0], (y, t_first), mark)
+    k0 = k0.detach().to(prob.policy.state_dtype)  # drops the probe's graph before the liveness check
+    prob.check.raise_if_hidden(refs, outside)
+    return k0
 
 
-def _raise_if_alive(refs, hint: str) -> None:
-    hidden = [v for v in (r() for r in refs) if v is not None]
-    if hidden:
-        shapes = ", ".join(str(tuple(v.shape)) for v in hidden[:5])
-        raise ValueError(
-            f"the vector field uses {len(hidden)} tensor(s) that require grad but are not among the "
-            f"parameters rampde differentiates (shapes: {shapes}). The discrete adjoint only returns "
-            f"gradients for parameters it knows: make the function an nn.Module that owns them, or {hint}."
+def _with_replay(prob: _Problem, run, store: bool):
+    """Run a forward (``run(replaying)``); again, replayed, if the field turned out to draw random
+    numbers or write buffers only after its first evaluation (see :mod:`._replay`)."""
+    replay = prob.replay if store else None
+    if replay is not None:
+        replay.begin()
+    prob.forward_runs = 1
+    out = run(False)
+    if replay is not None and not replay.active and replay.changed_since_begin():
+        replay.restart()
+        prob.forward_runs = 2
+        prob.nfe_extra = 0
+        out = run(True)
+    return out
+
+
+def _check_storage(prob: _Problem, stored, grid) -> None:
+    """A stored state beyond the storage dtype's range (fp16: 65504) would turn every gradient into
+    NaN far from its cause: raise at the step where it happened.  NaN from the forward itself is
+    not this error: it propagates as with every other policy."""
+    storage, state = prob.policy.storage, prob.policy.state_dtype
+    if storage == state or torch.finfo(storage).max >= torch.finfo(state).max:
+        return
+    if isinstance(stored, torch.Tensor):
+        bad = torch.isinf(stored.reshape(stored.shape[0], -1)).any(dim=1)
+    elif stored:
+        bad = torch.stack([torch.isinf(x).any() for x in stored])
+    else:
+        return
+    if bool(bad.any()):  # one synchronisation per solve, only for narrow storage dtypes
+        n = int(torch.nonzero(bad)[0])
+        t = grid[n] if grid.ndim == 1 else grid[n].min()
+        raise FloatingPointError(
+            f"precision policy {prob.policy.name!r} stores one state per step in {str(storage).replace('torch.', '')} "
+            f"(largest value {torch.finfo(storage).max:g}), and the state at step {n} of {len(stored)} "
+            f"(t = {float(t):.6g}) exceeds it, so the backward could only return inf/NaN. Use a policy with a wider "
+            "storage dtype (precision='bf16' has fp32's range; or 'fp32'), or rescale the state."
         )
 
 
 def _forward(prob: _Problem, y0, grid, t_out, *, store: bool, probe: bool):
-    """Run the grid forward without a graph.  Returns (solution, stored states or None)."""
+    """Run the grid forward without an adjoint graph.  Returns (solution, stored states or None)."""
+    sol, stored = _with_replay(prob, lambda replaying: _forward_once(prob, y0, grid, t_out, store, probe, replaying), store)
+    if store:
+        _check_storage(prob, stored, grid)
+        prob.record.stored_bytes += prob.replay.stored_bytes()
+    prob.record.replayed = bool(store and prob.replay.active)
+    prob.record.forward_runs = prob.forward_runs
+    return sol, stored
+
+
+def _forward_once(prob: _Problem, y0, grid, t_out, store: bool, probe: bool, replaying: bool):
     pol, tab, outputs = prob.policy, prob.tableau, prob.outputs
     state_dtype = pol.state_dtype
     n_steps = prob.n_steps
+    replay = prob.replay if store else None
+    # Without an adjoint graph but in grad mode, a field whose output requires grad uses a tensor
+    # rampde does not know about: it is reported, not silently differentiated by plain autograd.
+    watch = not store and torch.is_grad_enabled()
     y = y0.detach().to(state_dtype)
     sol = outputs.allocate(y, pol.output)
     stored = torch.empty((n_steps, *y.shape), dtype=pol.storage, device=y.device) if store else None
@@ -419,24 +462,27 @@ def _forward(prob: _Problem, y0, grid, t_out, *, store: bool, probe: bool):
     times = prob.stage_time_table(grid).unbind(0)
     # First-same-as-last: the last stage of a step is f(t_{n+1}, y_{n+1}) bit for bit (same
     # coefficients, same operation order), so it is the next step's first stage.  Not with
-    # `perturb`, which evaluates the two at different sides of t_{n+1}.
+    # `perturb`, which evaluates the two at different sides of t_{n+1}, and not for a field that is
+    # replayed: its next evaluation draws other random numbers than the last stage did.
     fsal = tab.fsal and not prob.perturb
     nfe = 0
     k0 = None
     with prob.autocast():
         if probe:
-            # Evaluate the very first stage with a graph, look for parameters hidden in a closure,
-            # and reuse the value: the check costs no extra evaluation.
-            t_first = times[0][0]
-            with torch.enable_grad():
-                k0 = prob.f(t_first, y)
-                refs = _foreign_leaves(k0, prob.params, (y, t_first))
-            k0 = k0.detach().to(state_dtype)  # drops the probe's graph before the liveness check
-            _raise_if_alive(refs, prob.param_hint)
+            # The first stage, with a graph: hidden tensors are looked for, and the value is reused.
+            k0 = _probe_first(prob, times[0][0], y)
             nfe += 1
+            if replay is not None:
+                if not replaying:
+                    replay.detect()
+                replay.put(0, replay.start_token())
+        if replay is not None and replay.active:
+            fsal = False
         for n in range(n_steps):
             if store:
                 stored[n] = y
+            if n and replay is not None:
+                replay.capture(n)
             if prob.callback_step is not None:
                 prob.callback_step(grid[n], y, h_all[n])
             y_next, ks = prob.step(y, times[n].unbind(0), h_steps[n], k0)
@@ -445,10 +491,16 @@ def _forward(prob: _Problem, y0, grid, t_out, *, store: bool, probe: bool):
                     f"the vector field returned shape {tuple(ks[0].shape)} for a state of shape {tuple(y.shape)}"
                 )
             nfe += tab.stages - (k0 is not None)
+            if watch and y_next.requires_grad:
+                refs, outside = prob.check.scan([y_next], (y,))
+                y_next, ks = y_next.detach(), [k.detach() for k in ks]
+                prob.check.raise_if_hidden(refs, outside, f" (at step {n}, t = {float(grid[n].min()):.6g})")
             entry = outputs.steps.get(n)
             if entry is not None:
                 sd = StepData(prob, grid[n], grid[n + 1], h_all[n], y, y_next, ks)
-                outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, t_out, False)))
+                with prob.full_precision():
+                    values = outputs.evaluate(entry, sd, outputs.times(entry, t_out, False))
+                outputs.write(sol, entry, [v.detach() for v in values] if watch else values)
             k0 = ks[-1] if fsal else None
             y = y_next
     rec = prob.record
@@ -459,6 +511,12 @@ def _forward(prob: _Problem, y0, grid, t_out, *, store: bool, probe: bool):
 
 def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
     """The discrete adjoint.  ``needs`` = (y0, grid, t_out, *params) needs_input_grad flags."""
+    replay = prob.replay
+    with replay.sweep() if replay is not None else contextlib.nullcontext():
+        return _adjoint_sweep(prob, stored, grid, t_out, params, grad_sol, needs)
+
+
+def _adjoint_sweep(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
     pol, tab, outputs = prob.policy, prob.tableau, prob.outputs
     state_dtype, acc_dtype = pol.state_dtype, pol.accumulation
     need_grid, need_tout = needs[1], needs[2]
@@ -468,6 +526,9 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
     g = grad_sol.to(acc_dtype)
     a = torch.zeros(stored[0].shape, dtype=acc_dtype, device=stored[0].device)
     g_params = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, acc_dtype)) for p in diff_params]
+    # Autograd's convention: a parameter no step depends on gets None, not a zero tensor (an
+    # optimizer with weight decay would move it).
+    touched = [False] * len(diff_params)
     g_grid = torch.zeros_like(grid, dtype=torch.promote_types(grid.dtype, acc_dtype)) if need_grid else None
     g_tout = torch.zeros_like(t_out, dtype=torch.promote_types(t_out.dtype, acc_dtype)) if need_tout else None
 
@@ -488,9 +549,55 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
     if not need_time:
         times = prob.stage_time_table(grid_d).unbind(0)
         h_steps = h_all.tolist() if not prob.per_sample else None
+    replay = prob.replay if prob.replay is not None and prob.replay.active else None
+    check = prob.check
+    mark = sequence_mark()  # nodes numbered below were created before this backward (same thread)
     nfe_before = prob.nfe_extra
     nfe, steps_done = 0, 0
     a_k = None  # cotangent of a first stage carried over from the previous step
+
+    def rebuild(n, y_n, k0_leaf, entry):
+        """Step n's graph: (roots, their cotangents, time leaves, t0, t1).  All its locals die on return."""
+        nonlocal nfe
+        with torch.enable_grad(), prob.autocast():
+            if need_time:
+                t0 = grid_d[n].clone().requires_grad_(True)
+                t1 = grid_d[n + 1].clone().requires_grad_(True)
+                h = t1 - t0
+                first_next = True if n in prob.first_next_steps else None
+                stage_t = prob.stage_times(t0, t1, h, first_next)
+                hs = prob.h_for_state(h, y_n)
+            else:
+                t0, t1, h = grid_d[n], grid_d[n + 1], h_all[n]
+                hs = h_steps[n] if h_steps is not None else prob.h_for_state(h, y_n)
+                stage_t = times[n].unbind(0)
+            k0 = k0_leaf
+            if replay is not None:
+                if k0 is None and (n, "k0") in replay.tokens:
+                    # a first stage the forward evaluated before this step's trial (adaptive steps)
+                    replay.restore((n, "k0"))
+                    k0 = prob.f(stage_t[0], y_n).to(state_dtype)
+                    nfe += 1
+                replay.restore(n)
+            y_next, ks = prob.step(y_n, stage_t, hs, k0)
+            nfe += tab.stages - (k0 is not None)
+            roots, cot, t_leaves = [y_next], [a], []
+            if a_k is not None:  # the next step started from this step's last stage
+                roots.append(ks[-1])
+                cot.append(a_k)
+            if entry is not None:
+                t_leaves = outputs.times(entry, t_out_d, need_tout)
+                sd = StepData(prob, t0, t1, h, y_n, y_next, ks)
+                with prob.full_precision():
+                    values = outputs.evaluate(entry, sd, t_leaves)
+                for v, c in zip(values, outputs.cotangents(g, entry)):
+                    if v is y_next:  # an output that is y_{n+1} itself: fold its cotangent in
+                        cot[0] = cot[0] + c
+                    else:
+                        roots.append(v)
+                        cot.append(c)
+        return roots, cot, t_leaves, t0, t1
+
     # Steps after the last output with a non-zero cotangent carry a zero adjoint: skip them (one
     # host synchronisation per backward, e.g. a loss on an early part of the trajectory).
     for n in range(outputs.last_active_step(g), -1, -1):
@@ -500,38 +607,15 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
         k0_leaf = None if carried is None else carried.to(state_dtype).requires_grad_(True)
         if prob.callback_step_adjoint is not None:
             prob.callback_step_adjoint(grid_d[n], y_n.detach(), h_all[n])
-        # Autograd runs a Function's backward with grad mode off: build the step's graph explicitly.
-        with torch.enable_grad(), prob.autocast():
-            if need_time:
-                t0 = grid_d[n].clone().requires_grad_(True)
-                t1 = grid_d[n + 1].clone().requires_grad_(True)
-                h = t1 - t0
-                first_next = True if n in prob.first_next_steps else None
-                y_next, ks = prob.step(y_n, prob.stage_times(t0, t1, h, first_next), prob.h_for_state(h, y_n), k0_leaf)
-            else:
-                t0, t1, h = grid_d[n], grid_d[n + 1], h_all[n]
-                hs = h_steps[n] if h_steps is not None else prob.h_for_state(h, y_n)
-                y_next, ks = prob.step(y_n, times[n].unbind(0), hs, k0_leaf)
-            nfe += tab.stages - (k0_leaf is not None)
-            roots, cot, t_leaves = [y_next], [a], []
-            if a_k is not None:  # the next step started from this step's last stage
-                roots.append(ks[-1])
-                cot.append(a_k)
-            if entry is not None:
-                t_leaves = outputs.times(entry, t_out_d, need_tout)
-                sd = StepData(prob, t0, t1, h, y_n, y_next, ks)
-                for v, c in zip(outputs.evaluate(entry, sd, t_leaves), outputs.cotangents(g, entry)):
-                    if v is y_next:  # an output that is y_{n+1} itself: fold its cotangent in
-                        cot[0] = cot[0] + c
-                    else:
-                        roots.append(v)
-                        cot.append(c)
+        roots, cot, t_leaves, t0, t1 = rebuild(n, y_n, k0_leaf, entry)
         inputs = [y_n, *diff_params]
         if k0_leaf is not None:
             inputs.append(k0_leaf)
         t_inputs = [tl for tl in t_leaves if tl is not None] if need_tout else []
         if need_time:
             inputs += [t0, t1, *t_inputs]
+        # Every step's graph is checked: a tensor the field uses only at some times is found here.
+        refs, outside = check.scan(roots, inputs, mark)
         for attempt in range(max_retries + 1):
             scaled_cot = [(c * scale if scale != 1.0 else c).to(state_dtype) for c in cot]
             grads = torch.autograd.grad(roots, inputs, scaled_cot, allow_unused=True, retain_graph=dynamic)
@@ -544,6 +628,11 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
             worst, scaled_amax = probe.tolist()
             if math.isfinite(worst):
                 break
+            # NaN/inf already in what this step starts from (the forward, the loss, a later step)
+            # is not an fp16 overflow of this VJP: halving the scale cannot help, so it propagates
+            # as with every other policy.
+            if not all(bool(torch.isfinite(x).all()) for x in (y_n, *cot, *(() if k0_leaf is None else (k0_leaf,)))):
+                break
             if attempt == max_retries:
                 raise FloatingPointError(
                     f"fp16 adjoint overflow at step {n} of {prob.n_steps}: the VJP is still inf/nan after "
@@ -554,13 +643,15 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
             scale *= scaler._config.backoff_factor
             backoffs += 1
             clean_run = 0
+        del roots
+        check.raise_if_hidden(refs, outside, f" (at step {n} of {prob.n_steps}, t = {float(grid_d[n].min()):.6g})")
         if attempt:
             redone += 1
         if steps_done == 0:
             # What a persistent scaler carries to the next iteration: the scale that ran the
             # *first* backward step cleanly.  The next backward also starts at t_N with a terminal
             # cotangent of similar size; the end-of-pass scale belongs to the adjoint at t_0.
-            first_clean_scale = scale
+            first_clean_scale, first_backoffs = scale, attempt
         inv = 1.0 / scale
         a = grads[0].to(acc_dtype)
         if scale != 1.0:
@@ -568,6 +659,7 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
         for i, gp in enumerate(grads[1 : 1 + len(diff_params)]):
             if gp is not None:
                 g_params[i].add_(gp.to(g_params[i].dtype), alpha=inv)
+                touched[i] = True
         n_k = 1 if k0_leaf is not None else 0
         if n_k:
             gk = grads[1 + len(diff_params)]
@@ -584,14 +676,16 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
             if need_tout and entry is not None:
                 it = iter(gr * inv if gr is not None else None for gr in gt[2:])
                 outputs.add_time_grads(g_tout, entry, [None if tl is None else next(it) for tl in t_leaves])
-        del grads, roots, y_next, ks, k0_leaf
+        del grads, k0_leaf
+        if prob.callback_accept_step_adjoint is not None:
+            prob.callback_accept_step_adjoint(grid_d[n], y_n.detach(), h_all[n])
         steps_done += 1
         if dynamic:
             clean_run += 1
             scale, clean_run = scaler._grow(scale, scaled_amax, clean_run)
     g_y0 = a + outputs.y0_cotangent(g)
     if dynamic:
-        scaler._finish(first_clean_scale if steps_done else scale, backoffs)
+        scaler._finish(first_clean_scale if steps_done else scale, backoffs, first_backoffs if steps_done else 0)
     rec = prob.record
     rec.backward_nfe += nfe + prob.nfe_extra - nfe_before
     rec.backward_steps += steps_done
@@ -599,7 +693,7 @@ def _backward(prob: _Problem, stored, grid, t_out, params, grad_sol, needs):
     rec.redone_steps += redone
     rec.final_scale = scale if dynamic else None
     rec.backward_done = True
-    return g_y0, g_grid, g_tout, [(i, gp) for i, gp in zip(param_idx, g_params)]
+    return g_y0, g_grid, g_tout, [(i, gp if hit else None) for i, gp, hit in zip(param_idx, g_params, touched)]
 
 
 class StepController:
@@ -635,10 +729,24 @@ def _adaptive_forward(prob: _Problem, y0, t_out, controller: StepController, pro
 
     Returns (solution, stored states (list), accepted grid values).
     """
+    if prob.tableau.b_err is None:
+        raise ValueError(f"method {prob.tableau.name!r} has no embedded error estimate; it cannot adapt its step size")
+    store = probe  # the adaptive drivers probe exactly when a backward may follow
+    out = _with_replay(prob, lambda replaying: _adaptive_forward_once(prob, y0, t_out, controller, probe, replaying), store)
+    prob.record.replayed = bool(store and prob.replay.active)
+    prob.record.forward_runs = prob.forward_runs
+    if store:
+        prob.record.stored_bytes += prob.replay.stored_bytes()
+    return out
+
+
+def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController, probe: bool, replaying: bool):
     pol, tab, outputs = prob.policy, prob.tableau, prob.outputs
     state_dtype, storage = pol.state_dtype, pol.storage
-    if tab.b_err is None:
-        raise ValueError(f"method {tab.name!r} has no embedded error estimate; it cannot adapt its step size")
+    replay = prob.replay if probe else None
+    prob.carried_k0.clear()
+    prob.first_next_steps.clear()
+    outputs.steps.clear()
     y = y0.detach().to(state_dtype)
     t_out = t_out.detach()
     sol = outputs.allocate(y, pol.output)
@@ -647,6 +755,7 @@ def _adaptive_forward(prob: _Problem, y0, t_out, controller: StepController, pro
     n_out = len(t_host)
     stored, grid = [], [t]
     nfe = 0
+    watch = prob.watch
 
     def f_counted(tt, yy):
         nonlocal nfe
@@ -654,15 +763,16 @@ def _adaptive_forward(prob: _Problem, y0, t_out, controller: StepController, pro
         return prob.f(tt, yy).to(state_dtype)
 
     with prob.autocast():
+        k0_token = None
         if probe:
-            with torch.enable_grad():
-                k0 = prob.f(t, y)
-                refs = _foreign_leaves(k0, prob.params, (y, t))
-            k0 = k0.detach().to(state_dtype)
-            _raise_if_alive(refs, prob.param_hint)
+            k0 = _probe_first(prob, t, y)
             nfe += 1
+            if not replaying:
+                replay.detect()
+            k0_token = replay.start_token()
         else:
             k0 = f_counted(t, y)
+        active = replay is not None and replay.active
         controller.start(f_counted, t, y, k0)
         carried = False  # is k0 the previous step's last stage rather than f(t, y)?
         first_next = False
@@ -670,9 +780,14 @@ def _adaptive_forward(prob: _Problem, y0, t_out, controller: StepController, pro
         while out_j < n_out:
             t1, h = controller.propose(t, y)
             h_float = float(h)
+            stage_token = replay.snapshot() if active else None
             ks_times = prob.stage_times(t, t1, h, True if first_next else None)
             y1, ks = prob.step(y, ks_times, h_float, k0)
             nfe += tab.stages - 1
+            if watch and y1.requires_grad:
+                refs, outside = prob.check.scan([y1], (y,))
+                y1, ks = y1.detach(), [k.detach() for k in ks]
+                prob.check.raise_if_hidden(refs, outside, f" (at t = {float(t):.6g})")
             err = _lincomb(ks, tab.b_err)
             err = torch.zeros_like(y) if err is None else err * h_float
             if not controller.judge(t, t1, h, y, y1, err):
@@ -681,6 +796,10 @@ def _adaptive_forward(prob: _Problem, y0, t_out, controller: StepController, pro
             stored.append(y.to(storage))
             if carried:
                 prob.carried_k0[n] = k0.to(storage)
+            elif active:
+                replay.put((n, "k0"), k0_token)
+            if active:
+                replay.put(n, stage_token)
             if first_next:
                 prob.first_next_steps.add(n)
             grid.append(t1)
@@ -692,20 +811,26 @@ def _adaptive_forward(prob: _Problem, y0, t_out, controller: StepController, pro
             if entry:
                 outputs.steps[n] = entry
                 sd = StepData(prob, t, t1, h, y, y1, ks)
-                outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, t_out, False)))
+                with prob.full_precision():
+                    outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, t_out, False)))
             n += 1
             y, t = y1, t1
             first_next = bool(controller.at_jump)
+            k0_token = None
             if first_next:
                 # Past a discontinuity of f: its value on the new side, as torchdiffeq does.
                 with torch.no_grad():
                     t_next = torch.nextafter(t1, torch.full_like(t1, math.inf))
+                k0_token = replay.snapshot() if active else None
                 k0, carried = f_counted(t_next, y1), False
             elif tab.fsal:
-                k0, carried = ks[-1], False  # f(t1, y1) up to the c == 1 time nudge
+                # f(t1, y1) up to the c == 1 time nudge.  A replayed field's next evaluation would
+                # draw other random numbers: then the value is carried, like a reused last stage.
+                k0, carried = ks[-1], active
             elif controller.reuse_last_stage:
                 k0, carried = ks[-1], True
             else:
+                k0_token = replay.snapshot() if active else None
                 k0, carried = f_counted(t1, y1), False
     rec = prob.record
     rec.n_steps, rec.n_outputs, rec.forward_nfe = n, t_out.numel(), nfe + prob.nfe_extra
@@ -725,8 +850,10 @@ def solve_adaptive(
     controller: StepController,
     interp: Callable,
     params: Sequence[torch.Tensor] = (),
+    buffers: Sequence[torch.Tensor] | None = None,
     scaler: AdjointScaler | None = None,
     callback_step_adjoint: Callable | None = None,
+    callback_accept_step_adjoint: Callable | None = None,
     method: str | None = None,
     param_hint: str = "pass them in params",
 ) -> torch.Tensor:
@@ -739,6 +866,9 @@ def solve_adaptive(
     Args:
         interp: ``interp(step_data, t) -> y(t)`` dense output inside an accepted step (differentiable).
         controller: a :class:`StepController`.
+        callback_step_adjoint, callback_accept_step_adjoint: ``callback(t0, y0, dt)`` before and after
+            each accepted step is replayed by the backward (the discrete adjoint replays every
+            accepted step once and rejects none).
         others: as in :func:`solve_grid`.
 
     Returns:
@@ -758,20 +888,25 @@ def solve_adaptive(
         perturb=False, scaler=scaler, callback_step=None, callback_step_adjoint=callback_step_adjoint,
         device_type=y0.device.type, record=_new_record(method or f"rampde_{tableau.name}", policy.name),
         n_steps=0, per_sample=False, param_hint=param_hint, nudge_end=True,
+        callback_accept_step_adjoint=callback_accept_step_adjoint,
     )
-    diff_params = tuple(p for p in params if p.requires_grad)
-    prob.params = diff_params
+    diff_params = _attach(prob, params, buffers, param_hint, y0.device)
     grad_mode = torch.is_grad_enabled()
-    with torch.no_grad():
-        sol, stored, grid_values = _adaptive_forward(prob, y0, t_out_t, controller, probe=grad_mode)
-    prob.n_steps = len(stored)
     needs_graph = grad_mode and (y0.requires_grad or t_out_t.requires_grad or bool(diff_params))
+    # Without an adjoint graph the forward keeps the caller's grad mode, so that a field output
+    # that requires grad anyway (a hidden tensor) is seen and reported.
+    prob.watch = grad_mode and not needs_graph
+    with torch.set_grad_enabled(prob.watch):
+        sol, stored, grid_values = _adaptive_forward(prob, y0, t_out_t, controller, probe=needs_graph)
+    prob.n_steps = len(stored)
+    if needs_graph:
+        _check_storage(prob, stored, grid_values)
     if not needs_graph or not stored:
         return sol
     # Step sizes are constants: every accepted time moves with the start time.
     grid = grid_values + (t_out_t[0] - t_out_t[0].detach())
     prob.precomputed = (sol, stored)
-    return _GridAdjoint.apply(prob, y0, grid, t_out_t, *diff_params)
+    return _apply(prob, y0, grid, t_out_t, diff_params)
 
 
 class BatchedStepController:
@@ -806,6 +941,7 @@ def solve_batched_adaptive(
     dt0: torch.Tensor | None = None,
     max_steps: int | None = None,
     params: Sequence[torch.Tensor] = (),
+    buffers: Sequence[torch.Tensor] | None = None,
     scaler: AdjointScaler | None = None,
     method: str | None = None,
     param_hint: str = "pass them in params",
@@ -816,6 +952,10 @@ def solve_batched_adaptive(
     (a rejected or finished sample's entry is a zero-length step), and step sizes are clamped to each
     sample's remaining span.  Accepted step sizes are constants for the adjoint.  Every iteration
     stores the batch's state (the memory of a rejected iteration is that of its accepted samples).
+
+    Args:
+        buffers: module buffers the field may write (default: ``f.buffers()`` for an ``nn.Module``);
+            see :func:`solve_grid`.
 
     Returns:
         ``(ys, info)`` with ``ys`` of shape ``(B, M, ...)`` and ``info`` a dict with per-sample
@@ -832,10 +972,41 @@ def solve_batched_adaptive(
         callback_step=None, callback_step_adjoint=None, device_type=y0.device.type, record=record,
         n_steps=0, per_sample=True, param_hint=param_hint,
     )
-    diff_params = tuple(p for p in params if p.requires_grad)
-    prob.params = diff_params
+    diff_params = _attach(prob, params, buffers, param_hint, y0.device)
     grad_mode = torch.is_grad_enabled()
+    needs_graph = grad_mode and (y0.requires_grad or outputs.t_eval.requires_grad or t_start.requires_grad
+                                 or t_end.requires_grad or bool(diff_params))
+    prob.watch = grad_mode and not needs_graph
+
+    def run(replaying):
+        return _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, max_steps,
+                                      needs_graph, replaying)
+
+    with torch.set_grad_enabled(prob.watch):
+        sol, stored, grid, anchors, info = _with_replay(prob, run, needs_graph)
+    record.replayed = bool(needs_graph and prob.replay.active)
+    record.forward_runs = prob.forward_runs
+    grid_values = torch.stack(grid)
+    info["grid"] = grid_values
+    if not needs_graph or not stored:
+        return sol, info
+    _check_storage(prob, stored, grid_values)
+    record.stored_bytes += prob.replay.stored_bytes()
+    # Accepted step sizes are constants: each sample's times move with its start time, or with its
+    # end time from the step clamped onto it (torchode's arithmetic).
+    anchor = torch.stack(anchors).to(time_dtype)
+    grid = grid_values + (1 - anchor) * (t_start - t_start.detach()) + anchor * (t_end - t_end.detach())
+    prob.precomputed = (sol, stored)
+    return _apply(prob, y0, grid, outputs.t_eval, diff_params), info
+
+
+def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, max_steps, probe, replaying):
+    """One run of the per-sample adaptive forward; returns (sol, stored, grid rows, anchors, info)."""
+    policy, tableau, record = prob.policy, prob.tableau, prob.record
     state_dtype, storage = policy.state_dtype, policy.storage
+    time_dtype = t_start.dtype
+    replay = prob.replay if probe else None
+    outputs.steps.clear()
     nfe = 0
 
     def f_counted(tt, yy):
@@ -843,7 +1014,7 @@ def solve_batched_adaptive(
         nfe += 1
         return prob.f(tt, yy).to(state_dtype)
 
-    with torch.no_grad(), prob.autocast():
+    with prob.autocast():
         y = y0.detach().to(state_dtype)
         t = t_start.detach().clone()
         ts, te = t_start.detach(), t_end.detach()
@@ -852,13 +1023,14 @@ def solve_batched_adaptive(
         outputs.start_incremental(ts)
         sol = outputs.allocate(y, policy.output)
         k_first = None
-        if grad_mode:
-            with torch.enable_grad():
-                k_first = prob.f(t, y)
-                refs = _foreign_leaves(k_first, prob.params, (y, t))
-            k_first = k_first.detach().to(state_dtype)  # reused as the first stage below
-            _raise_if_alive(refs, param_hint)
+        if probe:
+            k_first = _probe_first(prob, t, y)  # reused as the first stage below
             nfe += 1
+            if not replaying:
+                replay.detect()
+        # A replayed field evaluates every iteration's first stage afresh, after that iteration's
+        # generator state was kept: a reused stage would carry random numbers of another iteration.
+        active = replay is not None and replay.active
         dt, k0 = controller.start(f_counted, t, y, dt0)
         if k0 is None:
             k0 = k_first if k_first is not None else f_counted(t, y)
@@ -877,9 +1049,16 @@ def solve_batched_adaptive(
             if max_steps is not None and int(n_steps.max()) >= max_steps:
                 status = torch.where(running, 3, status)  # torchode's REACHED_MAX_STEPS
                 break
+            if active:
+                replay.capture(n)
+                k0 = f_counted(t, y)
             h_state = prob.h_for_state(dt, y)
             y1, ks = prob.step(y, prob.stage_times(t, t + dt, dt), h_state, k0)
             nfe += tableau.stages - 1
+            if prob.watch and y1.requires_grad:
+                refs, outside = prob.check.scan([y1], (y,))
+                y1, ks = y1.detach(), [k.detach() for k in ks]
+                prob.check.raise_if_hidden(refs, outside, f" (at iteration {n})")
             err = _lincomb(ks, tableau.b_err)
             err = torch.zeros_like(y) if err is None else err * h_state
             accept, dt_next, st = controller.judge(t, dt, y, y1, err)
@@ -893,10 +1072,13 @@ def solve_batched_adaptive(
             if entry is not None:
                 # The trial step's data, as torchode interpolates (only accepted samples own outputs).
                 sd = StepData(prob, t, t + dt, dt, y, y1, ks)
-                outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, outputs.t_eval.detach(), False)))
+                with prob.full_precision():
+                    outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, outputs.t_eval.detach(), False)))
             mask = to_update.reshape(-1, *([1] * (y.ndim - 1)))
             y = torch.where(mask, y1, y)
-            if tableau.fsal:
+            if active:
+                pass  # the next iteration evaluates its first stage itself
+            elif tableau.fsal:
                 k0 = torch.where(mask, ks[-1], k0)
             else:
                 k0 = torch.where(mask, f_counted(t_new, y), k0)
@@ -918,17 +1100,16 @@ def solve_batched_adaptive(
     record.rejected_steps = int((n_steps - n_accepted).sum())
     record.stored_bytes = sum(x.numel() * x.element_size() for x in stored)
     prob.n_steps = n
-    grid_values = torch.stack(grid)
-    info = {"n_steps": n_steps, "n_accepted": n_accepted, "status": status, "grid": grid_values}
-    needs_graph = grad_mode and (y0.requires_grad or outputs.t_eval.requires_grad or t_start.requires_grad or bool(diff_params))
-    if not needs_graph or not stored:
-        return sol, info
-    # Accepted step sizes are constants: each sample's times move with its start time, or with its
-    # end time from the step clamped onto it (torchode's arithmetic).
-    anchor = torch.stack(anchors).to(time_dtype)
-    grid = grid_values + (1 - anchor) * (t_start - t_start.detach()) + anchor * (t_end - t_end.detach())
-    prob.precomputed = (sol, stored)
-    return _GridAdjoint.apply(prob, y0, grid, outputs.t_eval, *diff_params), info
+    info = {"n_steps": n_steps, "n_accepted": n_accepted, "status": status}
+    return sol, stored, grid, anchors, info
+
+
+_HIGHER_ORDER = (
+    "rampde's discrete adjoint provides first-order gradients (one VJP per step, computed without a "
+    "graph of its own), so {what} through a rampde solve is not available. For Hessian-vector "
+    "products or gradient penalties use torchdiffeq's own method with the same tableau (e.g. "
+    "method='rk4' with options={{'step_size': h}}), which backpropagates through the steps with autograd."
+)
 
 
 class _GridAdjoint(torch.autograd.Function):
@@ -950,8 +1131,11 @@ class _GridAdjoint(torch.autograd.Function):
         return sol
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_sol):
+        # Grad mode is on in a backward exactly when the caller asked for create_graph=True: a
+        # second derivative would silently be zero (the VJPs below build no graph), so refuse.
+        if torch.is_grad_enabled():
+            raise RuntimeError(_HIGHER_ORDER.format(what="create_graph=True (a second derivative)"))
         if ctx.stored_list is None:
             stored, grid, t_out, *params = ctx.saved_tensors
         else:
@@ -961,7 +1145,7 @@ class _GridAdjoint(torch.autograd.Function):
         g_y0, g_grid, g_tout, g_params = _backward(ctx.prob, stored, grid, t_out, params, grad_sol, needs)
         out_params = [None] * len(params)
         for i, gp in g_params:
-            out_params[i] = gp.to(params[i].dtype)
+            out_params[i] = None if gp is None else gp.to(params[i].dtype)
         return (
             None,
             g_y0.to(ctx.y0_dtype) if needs[0] else None,
@@ -969,6 +1153,19 @@ class _GridAdjoint(torch.autograd.Function):
             g_tout.to(t_out.dtype) if g_tout is not None else None,
             *out_params,
         )
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_HIGHER_ORDER.format(what="forward-mode differentiation (torch.autograd.forward_ad, jvp)"))
+
+
+def _apply(prob, y0, grid, t_out, params):
+    # torch.func transforms (grad, vmap, jacrev, hessian) need a functorch-aware Function; torch's
+    # own error would not say what to do instead.
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(_HIGHER_ORDER.format(what="a torch.func transform (grad, vmap, jacrev, jacfwd, hessian)")
+                           + " For first-order gradients call torch.autograd.grad or .backward().")
+    return _GridAdjoint.apply(prob, y0, grid, t_out, *params)
 
 
 def _check_time_dtype(name, t):
@@ -979,20 +1176,29 @@ def _check_time_dtype(name, t):
         )
 
 
-def _run(prob: _Problem, y0, grid, t_out, params):
-    """Forward with the adjoint Function when a gradient can be asked for, plain forward otherwise."""
+def _attach(prob: _Problem, params, buffers, hint: str, device: torch.device) -> tuple:
+    """The differentiated parameters, the hidden-tensor check and the replay record of a solve."""
     diff_params = tuple(p for p in params if p.requires_grad)
     prob.params = diff_params
+    prob.check = GraphCheck(diff_params, hint)
+    if buffers is None:
+        buffers = tuple(prob.f.buffers()) if isinstance(prob.f, torch.nn.Module) else ()
+    prob.replay = StepReplay(tuple(buffers), device)
+    return diff_params
+
+
+def _run(prob: _Problem, y0, grid, t_out, params, buffers):
+    """Forward with the adjoint Function when a gradient can be asked for, plain forward otherwise."""
+    diff_params = _attach(prob, params, buffers, prob.param_hint, y0.device)
     needs_graph = torch.is_grad_enabled() and (
         y0.requires_grad or grid.requires_grad or t_out.requires_grad or bool(diff_params)
     )
     if not needs_graph:
-        # Still probe under grad mode: a closure over parameters with nothing else requiring grad
-        # would otherwise return a result without a graph, and the missing gradient would surface
-        # far from its cause.
-        sol, _ = _forward(prob, y0, grid, t_out, store=False, probe=torch.is_grad_enabled())
+        # In grad mode every step's result is checked instead: a field over a tensor that requires
+        # grad (a closure) would otherwise be differentiated by plain autograd without a word.
+        sol, _ = _forward(prob, y0, grid, t_out, store=False, probe=False)
         return sol
-    return _GridAdjoint.apply(prob, y0, grid, t_out, *diff_params)
+    return _apply(prob, y0, grid, t_out, diff_params)
 
 
 def _common_checks(y0, params, policy):
@@ -1003,6 +1209,18 @@ def _common_checks(y0, params, policy):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"params must be tensors, got {type(p).__name__}")
     policy.check_device(y0.device.type)
+    if policy.compute_dtype is not None:
+        # Autocast lowers float32 operands only: with a float64 model the state (float32 here) and
+        # the weights would meet in one matmul with different dtypes.
+        wide = sorted({str(p.dtype).replace("torch.", "") for p in params
+                       if p.is_floating_point() and p.dtype.itemsize > torch.finfo(policy.state_dtype).bits // 8})
+        if wide:
+            raise ValueError(
+                f"precision policy {policy.name!r} runs the state in {str(policy.state_dtype).replace('torch.', '')} "
+                f"with {str(policy.compute_dtype).replace('torch.', '')} velocities, but the vector field's parameters "
+                f"are {', '.join(wide)}. Convert the model to float32 (model.float()) to use {policy.name!r}, or choose "
+                "precision='fp64' to keep the float64 model."
+            )
     return params
 
 
@@ -1015,6 +1233,7 @@ def solve_grid(
     tableau: ButcherTableau,
     policy: PrecisionPolicy,
     params: Sequence[torch.Tensor] = (),
+    buffers: Sequence[torch.Tensor] | None = None,
     interp: str = "linear",
     perturb: bool = False,
     scaler: AdjointScaler | None = None,
@@ -1034,8 +1253,13 @@ def solve_grid(
             and ``t_out[j]`` for ``j >= 1`` is interpolated in the step with ``t_n < t_j <= t_{n+1}``
             (``y_{n+1}`` itself when ``t_j == t_{n+1}`` and ``interp == "linear"``).
         tableau, policy: the method and the precision policy.
-        params: tensors the adjoint differentiates besides ``y0`` and the times.  Tensors requiring
-            grad that ``f`` uses but that are missing here raise a ``ValueError``.
+        params: tensors the adjoint differentiates besides ``y0`` and the times (leaves, or tensors
+            computed outside ``f`` such as ``c = encoder(x)``, whose gradient then flows on into
+            their graph).  Tensors requiring grad that ``f`` uses but that are missing here raise a
+            ``ValueError`` (at the forward, or at the backward step that uses them).
+        buffers: module buffers ``f`` may write in place (BatchNorm's running statistics; default:
+            ``f.buffers()`` when ``f`` is an ``nn.Module``).  With random numbers drawn by ``f``, they
+            are replayed in each recomputed step and left as the forward wrote them.
         interp: ``"linear"`` or ``"cubic"`` (Hermite with the step's end slopes).
         perturb: evaluate the first stage just after ``t_n`` and stages at ``c == 1`` just before
             ``t_{n+1}`` (torchdiffeq's ``perturb``).
@@ -1084,7 +1308,7 @@ def solve_grid(
         record=_new_record(method or f"rampde_{tableau.name}", policy.name),
         n_steps=grid_cpu.shape[0] - 1, per_sample=False, param_hint=param_hint,
     )
-    return _run(prob, y0, grid_t, t_out_t, params)
+    return _run(prob, y0, grid_t, t_out_t, params, buffers)
 
 
 def solve_batched(
@@ -1096,6 +1320,7 @@ def solve_batched(
     tableau: ButcherTableau,
     policy: PrecisionPolicy,
     params: Sequence[torch.Tensor] = (),
+    buffers: Sequence[torch.Tensor] | None = None,
     scaler: AdjointScaler | None = None,
     method: str | None = None,
     param_hint: str = "pass them in params",
@@ -1109,7 +1334,7 @@ def solve_batched(
         grid: ``(N+1, B)`` per-sample times, monotone in each sample's direction; a sample that needs
             fewer steps repeats its end time (zero-length steps leave its state unchanged).
         outputs: the :class:`BatchedOutputs` plan (output times ``(B, M)`` and the interpolant).
-        tableau, policy, params, scaler, method, param_hint: as in :func:`solve_grid`.
+        tableau, policy, params, buffers, scaler, method, param_hint: as in :func:`solve_grid`.
 
     Returns:
         ``(B, M, ...)`` solution at the output times, in the policy's output dtype.
@@ -1129,4 +1354,4 @@ def solve_batched(
         record=_new_record(method or f"rampde_{tableau.name}", policy.name),
         n_steps=grid_cpu.shape[0] - 1, per_sample=True, param_hint=param_hint,
     )
-    return _run(prob, y0, grid, t_eval, params)
+    return _run(prob, y0, grid, t_eval, params, buffers)

@@ -109,7 +109,7 @@ class _Registrar:
             if not existing[0].same_coefficients(tableau, tol=1e-12):
                 raise ValueError(
                     f"method {tableau.name!r} is registered by plugin {existing[1]!r} and by plugin {self.plugin!r} "
-                    "with different coefficients"
+                    "with different coefficients (c, A, b, error weights b_err or order differ); rename one of them"
                 )
             table[tableau.name] = (existing[0], f"{existing[1]}, {self.plugin}")
             return

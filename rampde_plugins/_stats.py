@@ -38,6 +38,10 @@ class SolveStats:
     final_scale: float | None = None
     stored_bytes: int = 0
     backward_done: bool = False
+    #: the field drew random numbers or wrote buffers: each step kept them for its recomputation
+    replayed: bool = False
+    #: 2 when the field began to draw/write only after its first evaluation (the forward was rerun)
+    forward_runs: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -199,10 +199,18 @@ class ButcherTableau:
         return s > 1 and self.c[-1] == 1.0 and self.b[-1] == 0.0 and self.a[-1] == self.b[:-1]
 
     def same_coefficients(self, other: "ButcherTableau", tol: float = 1e-14) -> bool:
-        """True when ``other`` has the same (c, A, b) to ``tol`` (used to merge host tableaus)."""
-        if self.stages != other.stages:
+        """True when ``other`` is the same method to ``tol`` (used to merge host tableaus).
+
+        Every coefficient counts: (c, A, b), the error weights ``b_err`` (two pairs that differ only
+        there take different adaptive steps) and the claimed order.
+        """
+        if self.stages != other.stages or self.order != other.order:
+            return False
+        if (self.b_err is None) != (other.b_err is None):
             return False
         pairs = [*zip(self.c, other.c), *zip(self.b, other.b)]
+        if self.b_err is not None:
+            pairs += list(zip(self.b_err, other.b_err))
         pairs += [p for r1, r2 in zip(self.a, other.a) for p in zip(r1, r2)]
         return all(abs(x - y) <= tol for x, y in pairs)
 

@@ -1,0 +1,177 @@
+"""Replaying a forward step exactly in the backward: random numbers and module buffers.
+
+The discrete adjoint recomputes every step from its stored state.  That recomputation is the
+gradient of the forward only if the vector field computes the same function again, and two
+everyday fields do not:
+
+* a field that draws random numbers (``nn.Dropout`` in training mode, ``torch.rand*``) would draw
+  new ones -- the gradient of a different network;
+* a field that writes its module's buffers (``nn.BatchNorm*`` in training mode updates its running
+  statistics) would write them once more per recomputation.
+
+:class:`StepReplay` makes the recomputation see what the forward saw, like
+``torch.utils.checkpoint(preserve_rng_state=True)`` does for the generators, and goes one step
+further for buffers (which checkpoint does not protect):
+
+* **Detection costs nothing per step.**  At the start of a solve it keeps the CPU generator state
+  (and that of the state's CUDA device), the buffers' version counters and -- only if the field
+  has buffers -- a copy of them.  After the solve's *first* evaluation of the field it compares:
+  a field that drew nothing and wrote nothing is never copied again (no per-step generator
+  states).  A field that did is replayed: each step keeps the generator states and buffer values
+  it started from.
+* **A field that starts drawing later** (say only for ``t > 0.5``) is caught at the end of the
+  forward, which is then run once more from the states kept at its start, this time replayed.
+  Callbacks of that forward run twice.
+* **The backward leaves no trace.**  Around the sweep, the user's generator states and buffer
+  values are kept and put back afterwards (also when the backward raises): after ``backward()``
+  the random stream continues where the forward left it and every buffer holds what the forward
+  wrote -- what direct backprop through the same steps leaves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+
+__all__ = ["StepReplay"]
+
+
+class StepReplay:
+    """Per-solve record of what each recomputed step must see again (see the module docstring)."""
+
+    __slots__ = ("buffers", "cuda_device", "rng", "mutates", "tokens", "_s0", "_v0", "_b0")
+
+    def __init__(self, buffers: Sequence[torch.Tensor], device: torch.device):
+        # The same tensor may be reachable twice (shared submodules); copy and restore it once.
+        seen, unique = set(), []
+        for b in buffers:
+            if isinstance(b, torch.Tensor) and id(b) not in seen:
+                seen.add(id(b))
+                unique.append(b)
+        self.buffers = unique
+        self.cuda_device = device if device.type == "cuda" else None
+        self.rng = False  # the field draws random numbers: keep generator states per step
+        self.mutates = False  # the field writes buffers: keep buffer values per step
+        # key -> (generator states or None, buffer values or None); keys are step indices, and
+        # (n, "k0") for a first stage evaluated before step n's trial (adaptive steps)
+        self.tokens: dict = {}
+        self._s0 = self._b0 = self._v0 = None
+
+    @property
+    def active(self) -> bool:
+        return self.rng or self.mutates
+
+    # -- generator states ----------------------------------------------------------------------
+    def _rng_state(self):
+        cpu = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state(self.cuda_device) if self.cuda_device is not None else None
+        return cpu, cuda
+
+    def _set_rng(self, state) -> None:
+        cpu, cuda = state
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.cuda_device)
+
+    @staticmethod
+    def _same_rng(a, b) -> bool:
+        return torch.equal(a[0], b[0]) and (a[1] is None or torch.equal(a[1], b[1]))
+
+    def _versions(self):
+        return [b._version for b in self.buffers]
+
+    # -- forward -------------------------------------------------------------------------------
+    def begin(self) -> None:
+        """At the start of the forward, before the field's first evaluation."""
+        self._s0 = self._rng_state()
+        self._v0 = self._versions()
+        # Needed only to run the forward again from its start (a field that begins to write its
+        # buffers after the first evaluation); one copy per solve, and only of buffers.
+        self._b0 = [b.detach().clone() for b in self.buffers]
+
+    def detect(self) -> bool:
+        """After the first evaluation: does the field draw random numbers or write buffers?"""
+        self.rng = not self._same_rng(self._rng_state(), self._s0)
+        self.mutates = self._versions() != self._v0
+        return self.active
+
+    def changed_since_begin(self) -> bool:
+        """At the end of a forward that was not replayed: did the field draw or write after all?"""
+        return not self._same_rng(self._rng_state(), self._s0) or self._versions() != self._v0
+
+    def restart(self) -> None:
+        """Put the generators and buffers back to the forward's start; replay from then on."""
+        self.rng = not self._same_rng(self._rng_state(), self._s0)
+        self.mutates = self._versions() != self._v0
+        self._set_rng(self._s0)
+        with torch.no_grad():
+            for b, v in zip(self.buffers, self._b0):
+                b.copy_(v)
+        self.tokens = {}
+
+    def start_token(self):
+        """What the field saw at the forward's start (before its first evaluation)."""
+        if not self.active:
+            return None
+        return (self._s0 if self.rng else None, [v.clone() for v in self._b0] if self.mutates else None)
+
+    def snapshot(self):
+        """What the field sees now (None when nothing needs replaying)."""
+        if not self.active:
+            return None
+        return (
+            self._rng_state() if self.rng else None,
+            [b.detach().clone() for b in self.buffers] if self.mutates else None,
+        )
+
+    def put(self, key, token) -> None:
+        if token is not None:
+            self.tokens[key] = token
+
+    def capture(self, key) -> None:
+        """Keep what the field sees now as the start of the evaluations recorded under ``key``."""
+        if self.active:
+            self.tokens[key] = self.snapshot()
+
+    # -- backward ------------------------------------------------------------------------------
+    def restore(self, key) -> None:
+        """Before recomputing the evaluations recorded under ``key``."""
+        token = self.tokens.get(key)
+        if token is None:
+            return
+        rng, values = token
+        if rng is not None:
+            self._set_rng(rng)
+        if values is not None:
+            with torch.no_grad():
+                for b, v in zip(self.buffers, values):
+                    b.copy_(v)
+
+    @contextlib.contextmanager
+    def sweep(self):
+        """Around the backward sweep: the user's generators and buffers end as they were."""
+        if not self.active:
+            yield
+            return
+        rng = self._rng_state() if self.rng else None
+        values = [b.detach().clone() for b in self.buffers] if self.mutates else None
+        try:
+            yield
+        finally:
+            if rng is not None:
+                self._set_rng(rng)
+            if values is not None:
+                with torch.no_grad():
+                    for b, v in zip(self.buffers, values):
+                        b.copy_(v)
+
+    def stored_bytes(self) -> int:
+        total = 0
+        for rng, values in self.tokens.values():
+            if rng is not None:
+                total += rng[0].numel() + (rng[1].numel() if rng[1] is not None else 0)
+            if values is not None:
+                total += sum(v.numel() * v.element_size() for v in values)
+        return total
