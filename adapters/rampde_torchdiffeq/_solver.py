@@ -158,12 +158,19 @@ class RampdeFixedGridSolver:
         policy = resolve_policy(opts["precision"], device_type=self.y0.device.type, state_dtype=self.y0.dtype)
         if t.shape[0] == 1:
             return self.y0.to(policy.output).unsqueeze(0)
-        # torchdiffeq wraps the user's function in _PerturbFunc, which casts t to the state's dtype;
-        # call the function beneath it so f always sees full-precision time.
+        # torchdiffeq wraps the user's function in _PerturbFunc, which casts t to the state's dtype
+        # (fp16 for an fp16 state); call the function beneath it, with time in the dtype torchdiffeq
+        # gives a float32/float64 state -- never the controller's float64 leaking to a float32 field.
         inner = getattr(self.func, "base_func", self.func)
+        field_time = torch.promote_types(self.y0.abs().dtype, policy.state_dtype)
+        engine_time = torch.float64 if self.adaptive else torch.promote_types(t.dtype, policy.state_dtype)
+        if field_time != engine_time:
+            inner = _TimeCast(inner, field_time)
         params = opts["adjoint_params"]
         if params is None:
             params = tuple(p for p in self.func.parameters()) if isinstance(self.func, torch.nn.Module) else ()
+        # Buffers the field may write (BatchNorm's statistics): replayed and left as the forward wrote them.
+        buffers = tuple(self.func.buffers()) if isinstance(self.func, torch.nn.Module) else ()
         callback = getattr(self.func, "callback_step", None)
         if callback is not None and _is_null_callback(callback):
             callback = None
@@ -175,8 +182,10 @@ class RampdeFixedGridSolver:
             )
             return solve_adaptive(
                 inner, self.y0, t, tableau=self.tableau, policy=policy, controller=controller,
-                interp=make_interp(self.tableau_name), params=params, scaler=opts["scaler"],
-                callback_step_adjoint=getattr(self.func, "callback_step_adjoint", None), method=self.method,
+                interp=make_interp(self.tableau_name), params=params, buffers=buffers, scaler=opts["scaler"],
+                callback_step_adjoint=getattr(self.func, "callback_step_adjoint", None),
+                callback_accept_step_adjoint=getattr(self.func, "callback_accept_step_adjoint", None),
+                method=self.method,
                 param_hint="pass them explicitly: options={'adjoint_params': (A, b)}",
             )
         return solve_grid(
@@ -187,6 +196,7 @@ class RampdeFixedGridSolver:
             tableau=self.tableau,
             policy=policy,
             params=params,
+            buffers=buffers,
             interp=opts["interp"],
             perturb=opts["perturb"],
             scaler=opts["scaler"],
@@ -203,6 +213,18 @@ class RampdeFixedGridSolver:
             "use torchdiffeq's own fixed-grid method (e.g. method='rk4' with options={'step_size': h}) "
             "for event handling"
         )
+
+
+class _TimeCast:
+    """``f(t.to(dtype), y)``: the field's time in the dtype torchdiffeq's own methods pass."""
+
+    __slots__ = ("f", "dtype")
+
+    def __init__(self, f, dtype):
+        self.f, self.dtype = f, dtype
+
+    def __call__(self, t, y):
+        return self.f(t.to(self.dtype), y)
 
 
 def _is_null_callback(cb) -> bool:

@@ -283,7 +283,7 @@ class RampdeAdjoint(torch.nn.Module):
         f = term.f if not term.with_args else functools.partial(_with_args, term.f, args)
         common = dict(
             tableau=tableau, policy=policy, params=self.params if self.params is not None else tuple(term.parameters()),
-            scaler=self.scaler, param_hint=PARAM_HINT,
+            buffers=tuple(term.buffers()), scaler=self.scaler, param_hint=PARAM_HINT,
             method=f"rampde_{tableau.name}" if isinstance(method, RampdeStepMethod) else tableau.name,
         )
         outputs = BatchedOutputs(t_eval, make_interpolant(method, problem))
