@@ -6,6 +6,8 @@ register e.g. "bf16 velocities, fp16 storage" without touching the engine.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,6 +30,63 @@ def _dtype_name(dt) -> str:
     return str(dt).replace("torch.", "")
 
 
+def _real_setting(owner: str, name: str, value, valid: str) -> float:
+    """``value`` as a float; a bool, a non-number or an int too large for a float is rejected."""
+    # bool is an int subclass: ``growth_factor=True`` would silently mean 1.0.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner} {name}={value!r} has type {type(value).__name__}; {name} must be {valid}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range
+        raise ValueError(f"{owner} {name}={value!r} is not finite as a float; {name} must be {valid}") from None
+
+
+def _int_setting(owner: str, name: str, value, low: int, valid: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner} {name}={value!r} has type {type(value).__name__}; {name} must be {valid}")
+    if value < low:
+        raise ValueError(f"{owner} {name}={value!r} must be {valid}")
+    return int(value)
+
+
+def _is_pow2(x: float) -> bool:
+    """A positive finite power of two (frexp's mantissa is exactly 1/2 only for those)."""
+    return x > 0 and math.isfinite(x) and math.frexp(x)[0] == 0.5
+
+
+#: Why powers of two: the engine multiplies each cotangent by the scale and divides the results by
+#: it again in fp32.  Only a power of two makes that round trip exact (it shifts the exponent and
+#: leaves the mantissa alone), so a factor like 1.5 would perturb every gradient by a rounding error.
+_POW2_REASON = "scaling is undone exactly only for powers of two"
+
+
+def _check_scaler_settings(owner, target, growth_factor, backoff_factor, growth_interval, max_retries):
+    """Validate the scaler's settings; returns them normalised to (float, float, float, int, int).
+
+    Raises TypeError for a wrong type (including bool) and ValueError for a bad value, naming
+    ``owner``, the argument, the value and what is valid.
+    """
+    valid = "a positive finite number (default 1024.0)"
+    t = _real_setting(owner, "target", target, valid)
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"{owner} target={target!r} must be {valid}")
+    valid = "a power of two > 1 (2.0, 4.0, ...)"
+    g = _real_setting(owner, "growth_factor", growth_factor, valid)
+    if not (g > 1 and _is_pow2(g)):
+        raise ValueError(
+            f"{owner} growth_factor={growth_factor!r} must be > 1 and a power of two (2.0, 4.0, ...): {_POW2_REASON}"
+        )
+    valid = "a power of two in (0, 1) (0.5, 0.25, ...)"
+    b = _real_setting(owner, "backoff_factor", backoff_factor, valid)
+    if not (0 < b < 1 and _is_pow2(b)):
+        raise ValueError(
+            f"{owner} backoff_factor={backoff_factor!r} must be in (0, 1) and a power of two (0.5, 0.25, ...): {_POW2_REASON}"
+        )
+    gi = _int_setting(owner, "growth_interval", growth_interval, 1, "a positive int")
+    mr = _int_setting(owner, "max_retries", max_retries, 0, "a non-negative int")
+    return t, g, b, gi, mr
+
+
 @dataclass(frozen=True)
 class ScalerConfig:
     """Defaults of the dynamic adjoint scaler (names follow ``torch.amp.GradScaler``).
@@ -35,11 +94,18 @@ class ScalerConfig:
     Args:
         target: the scaled adjoint's max-abs entry is steered towards this value.  2**10 = 1/eps(fp16):
             large enough that the fp16 VJP keeps all of its mantissa bits, 64x below fp16's max.
+            A positive finite number.
         growth_factor: multiply the scale by this (repeatedly, towards ``target``) after
-            ``growth_interval`` clean steps in a row.
+            ``growth_interval`` clean steps in a row.  A power of two > 1.
         backoff_factor: multiply the scale by this when a step's VJP overflows, then redo the step.
-        growth_interval: clean steps needed before the scale may grow again.
-        max_retries: backoffs allowed for one step before the backward raises.
+            A power of two in (0, 1).
+        growth_interval: clean steps needed before the scale may grow again (a positive int).
+        max_retries: backoffs allowed for one step before the backward raises (a non-negative int).
+
+    Raises:
+        TypeError: a setting of the wrong type (a bool counts as wrong for every field).
+        ValueError: a bad value (zero, negative, nan, inf, not a power of two), naming the field,
+            the value and what is valid.
     """
 
     target: float = 2.0**10
@@ -49,16 +115,12 @@ class ScalerConfig:
     max_retries: int = 24
 
     def __post_init__(self):
-        if not (self.target > 0):
-            raise ValueError(f"ScalerConfig target={self.target!r} must be > 0")
-        if not (self.growth_factor > 1):
-            raise ValueError(f"ScalerConfig growth_factor={self.growth_factor!r} must be > 1")
-        if not (0 < self.backoff_factor < 1):
-            raise ValueError(f"ScalerConfig backoff_factor={self.backoff_factor!r} must be in (0, 1)")
-        if isinstance(self.growth_interval, bool) or not isinstance(self.growth_interval, int) or self.growth_interval < 1:
-            raise ValueError(f"ScalerConfig growth_interval={self.growth_interval!r} must be a positive int")
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ValueError(f"ScalerConfig max_retries={self.max_retries!r} must be a non-negative int")
+        values = _check_scaler_settings(
+            "ScalerConfig", self.target, self.growth_factor, self.backoff_factor, self.growth_interval, self.max_retries
+        )
+        # Store plain float/int (a numpy scalar or an int 2 would otherwise end up in state_dict()).
+        for name, value in zip(("target", "growth_factor", "backoff_factor", "growth_interval", "max_retries"), values):
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True)

@@ -142,20 +142,31 @@ def test_fp16_range_stress_dynamic_scaling_vs_analytic():
 
 def test_overflow_backs_off_and_redoes_the_step():
     ref = _stress_analytic()
-    scaler = AdjointScaler(init_scale=2.0**40)  # far too large: the first VJPs overflow fp16
+    # A start scale is never above the ideal 2**round(log2(target / amax)) (an init_scale of 2**40
+    # is clamped to it), so force the overflow with a target far beyond fp16's max: the scaled
+    # terminal cotangent, ~2**24, overflows the first VJPs.
+    scaler = AdjointScaler(target=2.0**24)
+    finishes = []
+    finish = scaler._finish
+    scaler._finish = lambda *args: (finishes.append(args), finish(*args))[1]
     grads, stats = _stress_grads("fp16", scaler=scaler)
     assert stats.scale_backoffs > 0 and stats.redone_steps > 0
     assert max(_rel_each(grads, ref)) <= 1e-2
     # The scaler carries to the next iteration the scale that ran the terminal step cleanly.
-    assert scaler.get_scale() == stats.initial_scale * scaler.backoff_factor ** stats.scale_backoffs
+    first_step_scale, _, first_step_backoffs = finishes[-1]
+    assert first_step_backoffs > 0
+    assert scaler.get_scale() == first_step_scale == stats.initial_scale * scaler.backoff_factor ** first_step_backoffs
     state = scaler.state_dict()
     other = AdjointScaler()
     other.load_state_dict(state)
     assert other.get_scale() == scaler.get_scale() and other.growth_interval == scaler.growth_interval
+    assert other.state_dict() == state
     scaler_start = scaler.get_scale()
     grads2, stats2 = _stress_grads("fp16", scaler=scaler)
     assert max(_rel_each(grads2, ref)) <= 1e-2
     assert stats2.initial_scale == scaler_start and stats2.scale_backoffs < stats.scale_backoffs
+    # Its first step ran cleanly at the carried scale, so the scaler probes one growth_factor higher.
+    assert finishes[-1][2] == 0 and scaler.get_scale() == scaler_start * scaler.growth_factor
 
 
 def test_inf_signal_policy_feeds_torch_gradscaler():

@@ -78,7 +78,7 @@ def test_policy_is_frozen_and_resolves_defaults():
         (dict(growth_factor=1.0), r"growth_factor=1.0 must be > 1"),
         (dict(backoff_factor=1.5), r"backoff_factor=1.5 must be in \(0, 1\)"),
         (dict(growth_interval=0), r"growth_interval=0 must be a positive int"),
-        (dict(init_scale=-2.0), r"init_scale=-2.0 must be a positive finite number or None"),
+        (dict(init_scale=-2.0), r"init_scale=-2.0 must be None or a positive finite power of two"),
     ],
 )
 def test_scaler_validation(kwargs, message):
