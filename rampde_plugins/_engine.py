@@ -628,10 +628,11 @@ def _adjoint_sweep(prob: _Problem, stored, grid, t_out, params, grad_sol, needs)
             worst, scaled_amax = probe.tolist()
             if math.isfinite(worst):
                 break
-            # NaN/inf already in what this step starts from (the forward, the loss, a later step)
-            # is not an fp16 overflow of this VJP: halving the scale cannot help, so it propagates
-            # as with every other policy.
-            if not all(bool(torch.isfinite(x).all()) for x in (y_n, *cot, *(() if k0_leaf is None else (k0_leaf,)))):
+            # NaN/inf already in what this step starts from or computes (the forward, the loss, a
+            # later step) is not an fp16 overflow of this VJP: halving the scale cannot help, so it
+            # propagates as with every other policy.  Checked only on this failure path.
+            starts = (y_n, *cot, *roots, *(() if k0_leaf is None else (k0_leaf,)))
+            if not all(bool(torch.isfinite(x.detach()).all()) for x in starts):
                 break
             if attempt == max_retries:
                 raise FloatingPointError(
@@ -1209,6 +1210,9 @@ def _common_checks(y0, params, policy):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"params must be tensors, got {type(p).__name__}")
     policy.check_device(y0.device.type)
+    # A dual tensor (forward-mode AD) would lose its tangent in the engine's detached forward.
+    if any(torch.autograd.forward_ad.unpack_dual(x).tangent is not None for x in (y0, *params)):
+        raise RuntimeError(_HIGHER_ORDER.format(what="forward-mode differentiation (torch.autograd.forward_ad, jvp)"))
     if policy.compute_dtype is not None:
         # Autocast lowers float32 operands only: with a float64 model the state (float32 here) and
         # the weights would meet in one matmul with different dtypes.

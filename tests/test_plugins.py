@@ -173,3 +173,23 @@ def test_cli_lists_plugins_methods_and_policies():
     assert "rampde_rk4" in out and "Kutta's 3/8 rule" in out
     for name in ("fp64", "fp32", "bf16", "fp16", "fp16_gradscaler"):
         assert f"\n  {name} " in out
+
+
+def test_shared_method_with_other_error_weights_is_not_merged():
+    """Two registrations of 'dopri5' that agree in c, A, b but not in b_err would take different
+    adaptive steps under one name: the duplicate-name error names both plugins (issue 9, item 10)."""
+    dopri5 = rampde_plugins.get_registry().tableau("dopri5")
+    other_err = [w * 2.0 for w in dopri5.b_err]
+
+    class OtherErrorWeights:
+        @hookimpl
+        def rampde_register_tableaus(self, registry):
+            registry.add_tableau(ButcherTableau("dopri5", c=dopri5.c, a=dopri5.a, b=dopri5.b, order=dopri5.order,
+                                                b_err=other_err), shared=True)
+
+    before = dict(rampde_plugins.get_registry().tableaus)
+    with pytest.raises(ValueError, match=r"method 'dopri5' is registered by plugin '.*' and by plugin '.*' "
+                                         r"with different coefficients \(c, A, b, error weights b_err or order differ\)"):
+        rampde_plugins.register_plugin(OtherErrorWeights(), name="other-err")
+    assert "other-err" not in [n for n, _ in rampde_plugins.get_plugin_manager().list_name_plugin()]
+    assert dict(rampde_plugins.get_registry().tableaus) == before
