@@ -1,6 +1,10 @@
-"""Aggregate the cells' results into compat/results.md and compat/results.json.
+"""Aggregate the cells' results into a report: compat/.work/results.{md,json}, or the committed
+compat/results.{md,json} when published on purpose.
 
     python compat/report.py            (what `nox -f compat/noxfile.py -s report` runs)
+    COMPAT_PUBLISH=1 nox -f compat/noxfile.py -t full     # regenerate the committed report
+
+A run (CI's quick diagonal included) never rewrites tracked files unless COMPAT_PUBLISH is set.
 
 Inputs: compat/.work/cells/*.json, one per cell run (written by the `cell` sessions), merged over the
 cells already in compat/results.json -- so running one cell and then the report updates that cell
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 import sys
@@ -21,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _matrix  # noqa: E402
 
 HERE, ROOT, WORK = _matrix.HERE, _matrix.ROOT, _matrix.WORK
-RESULTS_JSON = HERE / "results.json"
+RESULTS_JSON = HERE / "results.json"  # the committed report (also the base that new cells merge over)
 RESULTS_MD = HERE / "results.md"
+PUBLISH = os.environ.get("COMPAT_PUBLISH", "").strip().lower() not in ("", "0", "false", "no", "off")
 GREEN = ("pass", "unsupported-ok")
 
 
@@ -241,8 +247,8 @@ def _md(report: dict, data: dict) -> str:
         lines += ["## Time", "",
                   f"Sum of the cells' wall times (venv + installs + suite; sessions run one after another): "
                   f"diagonal {diag / 60:.1f} min, full product {full / 60:.1f} min, unsupported checks {uns / 60:.1f} min, "
-                  f"all {tot / 60:.1f} min.  The machine was shared with a benchmark run and the cells ran under "
-                  "`nice -n 19`, so these are upper bounds.", ""]
+                  f"all {tot / 60:.1f} min.  Load average when the report was written: "
+                  f"{report['environment'].get('load_average', 'n/a')}.", ""]
     return "\n".join(lines)
 
 
@@ -259,15 +265,19 @@ def main() -> int:
             "platform": first.get("platform", platform.platform()),
             "machine": platform.machine(),
             "system_torch": _matrix.installed_torch_version(),
+            "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
         },
         "adapter_ranges": _adapter_ranges(),
         "summary": {s: sum(1 for c in cells if c.get("status") == s) for s in sorted({c.get("status") for c in cells})},
         "explanations": _explanations(data),
         "cells": cells,
     }
-    RESULTS_JSON.write_text(json.dumps(report, indent=2) + "\n")
-    RESULTS_MD.write_text(_md(report, data) + "\n")
-    print(f"wrote {RESULTS_MD.relative_to(ROOT)} and {RESULTS_JSON.relative_to(ROOT)}: {report['summary']}")
+    out_json, out_md = (RESULTS_JSON, RESULTS_MD) if PUBLISH else (WORK / "results.json", WORK / "results.md")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(report, indent=2) + "\n")
+    out_md.write_text(_md(report, data) + "\n")
+    print(f"wrote {out_md.relative_to(ROOT)} and {out_json.relative_to(ROOT)}: {report['summary']}"
+          + ("" if PUBLISH else " (set COMPAT_PUBLISH=1 to regenerate the committed compat/results.*)"))
     return 0
 
 

@@ -22,6 +22,9 @@ def main(argv=None) -> int:
     dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     rows = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda x: str(x[0])):
+        if plugin is None:  # blocked: a broken plugin that was skipped (its warning said why)
+            rows.append((name, "skipped (broken)", "-"))
+            continue
         dist = dists.get(id(plugin))
         origin = f"{dist.project_name} {dist.version}" if dist is not None else ("built in" if name == BUILTIN_PLUGIN_NAME else "registered at run time")
         rows.append((name, origin, getattr(plugin, "__name__", type(plugin).__name__)))

@@ -93,11 +93,49 @@ class HostAdapter:
         """Is ``method`` a name this adapter put into its host?"""
         return isinstance(method, str) and method in self._added
 
+    # -- method entries (refresh adds and removes only what changed) ---------------------------
+    prefix = "rampde_"
+
+    def _method_table(self) -> dict:  # pragma: no cover - interface
+        """The host's dict of method names (torchdiffeq's SOLVERS, torchode's METHODS)."""
+        raise NotImplementedError
+
+    def _add_method(self, table: dict, key: str, tableau) -> None:  # pragma: no cover - interface
+        """Put one registered tableau into ``table`` as ``key`` (through ``_add_entry``)."""
+        raise NotImplementedError
+
+    def refresh_clashes(self, registry) -> list[str]:
+        """Method names a refresh to ``registry`` would add but the host already defines itself."""
+        if not self.installed:
+            return []
+        table = self._method_table()
+        return sorted(self.prefix + n for n in registry.tableaus
+                      if self.prefix + n not in self._added and self.prefix + n in table)
+
     def refresh(self, registry) -> None:
-        """Re-sync the exposed methods after plugins were registered or unregistered."""
-        if self.installed:
-            self.uninstall()
-            self.install(registry)
+        """Re-sync the exposed methods after plugins were registered or unregistered.
+
+        Only the difference is applied, each entry with one dict operation: a method that stays
+        registered never leaves the host's table, not even for an instant, so solves running in other
+        threads are not disturbed.
+        """
+        if not self.installed:
+            return
+        table = self._method_table()
+        wanted = {self.prefix + n: n for n in registry.tableaus}
+        keep = []
+        for entry in self._entries:
+            tbl, key, value = entry
+            if tbl is table and key not in wanted:
+                if tbl.get(key) is value:
+                    del tbl[key]
+                self._added.discard(key)
+            else:
+                keep.append(entry)
+        self._entries[:] = keep
+        for key, name in wanted.items():
+            if key not in self._added:
+                self._add_method(table, key, registry.tableau(name))
 
     def methods(self) -> list[str]:
         """Names this adapter has put into its host library."""

@@ -30,6 +30,28 @@ class RampdeAdapterWarning(UserWarning):
     """An adapter could not be installed automatically (the message says why)."""
 
 
+class RampdePluginWarning(UserWarning):
+    """A broken entry-point plugin was skipped (the message names it, its distribution and why)."""
+
+
+class RampdePluginError(ValueError):
+    """A plugin's registration failed; ``plugin`` is the name of the plugin at fault."""
+
+    def __init__(self, message: str, plugin: str) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+
+
+def _truthy(value: str | None) -> bool:
+    """The usual environment-switch convention: unset, "", "0", "false", "no", "off" are false."""
+    return (value or "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def autoload_disabled() -> bool:
+    """Whether ``RAMPDE_PLUGINS_DISABLE_AUTOLOAD`` is set to a true value ("1", "true", "yes", "on")."""
+    return _truthy(os.environ.get(DISABLE_AUTOLOAD_ENV))
+
+
 class Registry:
     """Policies, tableaus and adapters registered by the plugins, each with the plugin that did it."""
 
@@ -76,8 +98,9 @@ class Registry:
 
     def _add(self, table, what, key, value, plugin):
         if key in table:
-            raise ValueError(
-                f"{what} {key!r} is registered twice: by plugin {table[key][1]!r} and by plugin {plugin!r}"
+            raise RampdePluginError(
+                f"{what} {key!r} is registered twice: by plugin {table[key][1]!r} and by plugin {plugin!r}",
+                _culprit(table[key][1], plugin),
             )
         table[key] = (value, plugin)
 
@@ -107,9 +130,10 @@ class _Registrar:
         existing = table.get(tableau.name)
         if shared and existing is not None and self._registry._shared.get(tableau.name):
             if not existing[0].same_coefficients(tableau, tol=1e-12):
-                raise ValueError(
+                raise RampdePluginError(
                     f"method {tableau.name!r} is registered by plugin {existing[1]!r} and by plugin {self.plugin!r} "
-                    "with different coefficients (c, A, b, error weights b_err or order differ); rename one of them"
+                    "with different coefficients (c, A, b, error weights b_err or order differ); rename one of them",
+                    _culprit(existing[1].split(", ")[0], self.plugin),
                 )
             table[tableau.name] = (existing[0], f"{existing[1]}, {self.plugin}")
             return
@@ -122,21 +146,80 @@ class _Registrar:
         self._registry._add(self._registry._adapters, "adapter", adapter.name, adapter, self.plugin)
 
 
+#: Plugins shipped with rampde-plugins: a clash between one of these and a third-party plugin is
+#: blamed on the third-party plugin, which is the one skipped.
+OWN_PLUGINS = frozenset({BUILTIN_PLUGIN_NAME, "torchdiffeq", "torchode"})
+
+
+def _culprit(existing: str, new: str) -> str:
+    return existing if new in OWN_PLUGINS and existing not in OWN_PLUGINS else new
+
+
+def _entry_points():
+    """(distribution name and version, entry point) of the rampde_plugins group, in discovery order."""
+    import importlib.metadata
+
+    found = []
+    for dist in list(importlib.metadata.distributions()):
+        for ep in dist.entry_points:
+            if ep.group == ENTRY_POINT_GROUP:
+                found.append((f"{dist.metadata['name']} {dist.version}", ep))
+    return found
+
+
+def _skip(pm, name: str, where: str, exc: BaseException) -> None:
+    if pm.get_plugin(name) is not None:
+        pm.unregister(name=name)
+    pm.set_blocked(name)  # a later load (or a rebuild) does not pick it up again
+    warnings.warn(
+        f"rampde_plugins: plugin {name!r} ({where}) is broken and was skipped: {type(exc).__name__}: {exc}",
+        RampdePluginWarning, stacklevel=4,
+    )
+
+
 def make_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
-    """A fresh plugin manager (tests use this to avoid the cached one)."""
+    """A fresh plugin manager (tests use this to avoid the cached one).
+
+    Each entry point is loaded on its own: one that fails to import, misspells a hook (pluggy's
+    ``check_pending``) or breaks the registry (a duplicate or invalid entry, a hook that raises) is
+    reported in one :class:`RampdePluginWarning` naming it and its distribution, and skipped; the
+    built-ins and every other plugin keep working.
+    """
     pm = pluggy.PluginManager(_hookspecs.PROJECT_NAME)
     pm.add_hookspecs(_hookspecs)
-    if autoload is None:
-        autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
-    if autoload:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     pm.register(_builtin, name=BUILTIN_PLUGIN_NAME)
+    if autoload is None:
+        autoload = not autoload_disabled()
+    origin = {}
+    if autoload:
+        for dist, ep in _entry_points():
+            if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                continue
+            origin[ep.name] = f"entry point {ep.name!r} of {dist}"
+            try:
+                pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+                pm.check_pending()
+            except Exception as exc:  # noqa: BLE001 -- any failure of third-party code is reported
+                _skip(pm, ep.name, origin[ep.name], exc)
     pm.check_pending()
+    # A registration that fails is blamed on one plugin: skip it and build again (built-ins never).
+    while True:
+        try:
+            build_registry(pm)
+            break
+        except (RampdePluginError, TypeError, ValueError) as exc:
+            culprit = getattr(exc, "plugin", None)
+            if culprit not in origin or culprit in OWN_PLUGINS:
+                raise
+            _skip(pm, culprit, origin[culprit], exc)
     return pm
 
 
 def build_registry(pm: pluggy.PluginManager) -> Registry:
-    """Call the registration hooks plugin by plugin, so duplicates can name both plugins."""
+    """Call the registration hooks plugin by plugin, so duplicates can name both plugins.
+
+    Raises :class:`RampdePluginError` naming the plugin at fault.
+    """
     registry = Registry()
     for hook_name in ("rampde_register_precision_policies", "rampde_register_tableaus", "rampde_register_adapters"):
         hook = getattr(pm.hook, hook_name)
@@ -144,7 +227,17 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
         # trylast built-ins last) so a clash is reported against the built-in.
         for impl in reversed(hook.get_hookimpls()):
             kwargs = {"registry": _Registrar(registry, impl.plugin_name)}
-            impl.function(*[kwargs[a] for a in impl.argnames])
+            try:
+                impl.function(*[kwargs[a] for a in impl.argnames])
+            except RampdePluginError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- say which plugin it was
+                if isinstance(exc, (TypeError, ValueError)) and f"plugin {impl.plugin_name!r}" in str(exc):
+                    exc.plugin = impl.plugin_name  # the registrar's own check: it names the plugin already
+                    raise
+                raise RampdePluginError(
+                    f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}", impl.plugin_name
+                ) from exc
     return registry
 
 
@@ -189,6 +282,14 @@ def _swap_registry(mutate, undo) -> Registry:
         for name, (adapter, plugin) in list(new._adapters.items()):
             if name in old._adapters:
                 new._adapters[name] = old._adapters[name]
+        clashes = {a.name: a.refresh_clashes(new) for a in new.adapters.values()}
+        clashes = {k: v for k, v in clashes.items() if v}
+        if clashes:
+            undo(pm)
+            raise ValueError(
+                "the host libraries already define method(s) "
+                + "; ".join(f"{k}: {', '.join(v)}" for k, v in clashes.items()) + "; rampde will not replace them"
+            )
         for name, (adapter, _) in old._adapters.items():
             if name not in new._adapters and adapter.installed:
                 adapter.uninstall()
@@ -210,6 +311,11 @@ def register_plugin(plugin, name: str | None = None) -> str:
         holder["name"] = pm.register(plugin, name=name)
         if holder["name"] is None:
             raise ValueError(f"plugin {name or plugin!r} is blocked or already registered")
+        try:
+            pm.check_pending()  # a misspelled hook is an error here too
+        except pluggy.PluginValidationError as exc:
+            pm.unregister(plugin)
+            raise RampdePluginError(f"plugin {holder['name']!r}: {exc}", holder["name"]) from None
 
     _swap_registry(mutate, lambda pm: pm.unregister(plugin))
     return holder["name"]
@@ -231,6 +337,21 @@ def unregister_plugin(plugin=None, name: str | None = None) -> None:
     _swap_registry(mutate, lambda pm: pm.register(holder["plugin"], name=holder["name"]))
 
 
+def _load_own_adapters(names) -> None:
+    """With autoload disabled, the project's own adapter plugins are loaded on demand by install()."""
+    if not autoload_disabled():
+        return
+    pm = get_plugin_manager()
+    wanted = [n for n in (names or OWN_PLUGINS - {BUILTIN_PLUGIN_NAME}) if n in OWN_PLUGINS and n != BUILTIN_PLUGIN_NAME]
+    missing = [n for n in sorted(wanted) if pm.get_plugin(n) is None]
+    for name in missing:
+        def mutate(pm, name=name):
+            if not pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name):
+                raise ValueError(f"adapter {name!r}: no entry point {name!r} in group {ENTRY_POINT_GROUP!r} (is rampde-plugins installed?)")
+
+        _swap_registry(mutate, lambda pm, name=name: pm.unregister(name=name))
+
+
 def _select_adapters(names):
     registry = get_registry()
     if not names:
@@ -246,11 +367,16 @@ def _select_adapters(names):
 def install(*names: str) -> list[str]:
     """Install the named adapters (all whose host is importable, if none are named); idempotent.
 
+    With ``RAMPDE_PLUGINS_DISABLE_AUTOLOAD`` set, this is how the project's own adapters are turned
+    on: their entry points (``torchdiffeq``, ``torchode``) are loaded first.  Third-party entry
+    points stay unloaded.
+
     Raises :class:`rampde_plugins.UnsupportedHostError` if a named adapter's host lacks a
     capability, or ``ValueError`` for an unknown name or a host that is not installed.
     Returns the names installed.
     """
     with _state.lock:
+        _load_own_adapters(names)
         registry, adapters = _select_adapters(names)
         done = []
         for adapter in adapters:
@@ -275,7 +401,7 @@ def uninstall(*names: str) -> list[str]:
 
 def _autoinstall() -> None:
     """On import: install every adapter whose host is importable; warn (never fail) on problems."""
-    if os.environ.get(DISABLE_AUTOLOAD_ENV):
+    if autoload_disabled():
         return
     registry = get_registry()
     for adapter in registry.adapters.values():

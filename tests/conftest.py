@@ -25,7 +25,7 @@ def pytest_report_header(config):
         except md.PackageNotFoundError:
             return "not installed"
 
-    plugins = ", ".join(sorted(n for n, _ in rampde_plugins.get_plugin_manager().list_name_plugin()))
+    plugins = ", ".join(sorted(n for n, p in rampde_plugins.get_plugin_manager().list_name_plugin() if p is not None))
     return [
         f"torch {torch.__version__}, torchdiffeq {v('torchdiffeq')}, torchode {v('torchode')}",
         f"rampde_plugins {rampde_plugins.__version__}; plugins: {plugins}",

@@ -146,6 +146,13 @@ class TorchdiffeqAdapter(HostAdapter):
             adjoint_mod = None
         return odeint_mod, solvers, adjoint_mod
 
+    # -- method entries ------------------------------------------------------------------------
+    def _method_table(self) -> dict:
+        return self._host_modules()[1]
+
+    def _add_method(self, table, key, tableau) -> None:
+        self._add_entry(table, key, make_solver_class(tableau))
+
     # -- lifecycle -----------------------------------------------------------------------------
     def install(self, registry) -> None:
         if self.installed:
@@ -156,7 +163,7 @@ class TorchdiffeqAdapter(HostAdapter):
         if clash:
             raise UnsupportedHostError(f"torchdiffeq already defines method(s) {clash}; rampde will not replace them")
         for key, tab in wanted.items():
-            self._add_entry(solvers, key, make_solver_class(tab))
+            self._add_method(solvers, key, tab)
         self._patch(odeint_mod, "_check_inputs", in_adjoint=False)
         if adjoint_mod is not None and callable(getattr(adjoint_mod, "_check_inputs", None)):
             self._patch(adjoint_mod, "_check_inputs", in_adjoint=True)

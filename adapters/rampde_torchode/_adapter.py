@@ -22,7 +22,7 @@ import functools
 import importlib
 import inspect
 
-from rampde_plugins import HostAdapter, UnsupportedHostError
+from rampde_plugins import HostAdapter, UnsupportedHostError, get_registry
 
 PREFIX = "rampde_"
 
@@ -82,6 +82,16 @@ class TorchodeAdapter(HostAdapter):
             )
         return interface, torchode
 
+    def _method_table(self) -> dict:
+        return importlib.import_module("torchode.interface").METHODS
+
+    def _add_method(self, table, key, tableau) -> None:
+        from ._adjoint import RampdeStepMethod
+
+        interface = importlib.import_module("torchode.interface")
+        interface.register_method(key, functools.partial(RampdeStepMethod, tableau.name))
+        self._add_entry(table, key, table[key], set_it=False)
+
     def install(self, registry) -> None:
         if self.installed:
             return
@@ -92,14 +102,18 @@ class TorchodeAdapter(HostAdapter):
         if clash:
             raise UnsupportedHostError(f"torchode already defines method(s) {clash}; rampde will not replace them")
         for name in registry.tableaus:
-            key = PREFIX + name
-            interface.register_method(key, functools.partial(RampdeStepMethod, name))
-            self._add_entry(interface.METHODS, key, interface.METHODS[key], set_it=False)
+            self._add_method(interface.METHODS, PREFIX + name, registry.tableau(name))
 
         original_adjoint = interface.AutoDiffAdjoint
 
         def AutoDiffAdjoint(step_method, step_size_controller, **kwargs):  # noqa: N802 (torchode's name)
             if isinstance(step_method, RampdeStepMethod):
+                if _is_default_pid(step_size_controller) and get_registry().tableau(step_method.tableau_name).b_err is None:
+                    # solve_ivp(controller=None) builds this PID controller before it gets here (a
+                    # caller holding torchode's original solve_ivp, imported before rampde_plugins,
+                    # bypasses the wrapper below): for a method without an error estimate it means
+                    # "no controller given", i.e. fixed steps of dt0.
+                    step_size_controller = torchode.FixedStepController()
                 return RampdeAdjoint(step_method, step_size_controller, **kwargs)
             return original_adjoint(step_method, step_size_controller, **kwargs)
 
@@ -116,7 +130,8 @@ class TorchodeAdapter(HostAdapter):
             method = bound.arguments.get("method")
             if adapter.owns(method) and bound.arguments.get("controller") is None:
                 name = method[len(PREFIX):]
-                tableau = registry.tableau(name) if name in registry.tableaus else None
+                current = get_registry()  # not the install-time registry: refresh keeps this wrapper
+                tableau = current.tableau(name) if name in current.tableaus else None
                 if tableau is not None and tableau.b_err is None:
                     # No error estimate: fixed steps are this method's only mode (torchode's default
                     # PID controller would fail on it).  Embedded methods keep torchode's default.
@@ -127,6 +142,18 @@ class TorchodeAdapter(HostAdapter):
         if getattr(torchode, "solve_ivp", None) is original_solve:
             self._patch_attr(torchode, "solve_ivp", solve_ivp)
         self.installed = True
+
+
+def _is_default_pid(controller) -> bool:
+    """torchode's solve_ivp default: PIDController(atol=1e-7, rtol=1e-7, pcoeff=0.2, icoeff=0.5, dcoeff=0.0)."""
+    if type(controller).__name__ != "PIDController":
+        return False
+    try:
+        return (abs(float(controller.atol) - 1e-7) < 1e-12 and abs(float(controller.rtol) - 1e-7) < 1e-12
+                and controller.pcoeff == 0.2
+                and controller.icoeff == 0.5 and controller.dcoeff == 0.0)
+    except (AttributeError, TypeError, RuntimeError):
+        return False
 
 
 __all__ = ["TorchodeAdapter", "HOST_METHODS", "host_tableaus"]
