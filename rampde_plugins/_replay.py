@@ -105,10 +105,7 @@ class StepReplay:
         """Put the generators and buffers back to the forward's start; replay from then on."""
         self.rng = not self._same_rng(self._rng_state(), self._s0)
         self.mutates = self._versions() != self._v0
-        self._set_rng(self._s0)
-        with torch.no_grad():
-            for b, v in zip(self.buffers, self._b0):
-                b.copy_(v)
+        self._apply((self._s0, self._b0))
         self.tokens = {}
 
     def start_token(self):
@@ -136,11 +133,7 @@ class StepReplay:
             self.tokens[key] = self.snapshot()
 
     # -- backward ------------------------------------------------------------------------------
-    def restore(self, key) -> None:
-        """Before recomputing the evaluations recorded under ``key``."""
-        token = self.tokens.get(key)
-        if token is None:
-            return
+    def _apply(self, token) -> None:
         rng, values = token
         if rng is not None:
             self._set_rng(rng)
@@ -149,23 +142,23 @@ class StepReplay:
                 for b, v in zip(self.buffers, values):
                     b.copy_(v)
 
+    def restore(self, key) -> None:
+        """Before recomputing the evaluations recorded under ``key``."""
+        token = self.tokens.get(key)
+        if token is not None:
+            self._apply(token)
+
     @contextlib.contextmanager
     def sweep(self):
         """Around the backward sweep: the user's generators and buffers end as they were."""
         if not self.active:
             yield
             return
-        rng = self._rng_state() if self.rng else None
-        values = [b.detach().clone() for b in self.buffers] if self.mutates else None
+        before = self.snapshot()
         try:
             yield
         finally:
-            if rng is not None:
-                self._set_rng(rng)
-            if values is not None:
-                with torch.no_grad():
-                    for b, v in zip(self.buffers, values):
-                        b.copy_(v)
+            self._apply(before)
 
     def stored_bytes(self) -> int:
         total = 0
