@@ -195,9 +195,10 @@ class BatchedOutputs:
         g_norm = (grid_cpu * direction).T.contiguous()  # (B, N+1), non-decreasing per row
         e_norm = (tev * direction[:, None]).contiguous()
         step_of = torch.searchsorted(g_norm, e_norm, side="left") - 1  # (B, M)
-        at_start = (tev[:, 0] == grid_cpu[0])
-        step_of[:, 0] = torch.where(at_start, -1, step_of[:, 0].clamp(min=0))
-        step_of[:, 1:].clamp_(min=0)
+        # Outputs at a sample's start time are y0 itself (all of a sample's outputs when its span is
+        # empty, t_start == t_end, as torchode returns y0 there).
+        at_start = tev == grid_cpu[0][:, None]
+        step_of = torch.where(at_start, -1, step_of.clamp(min=0))
         self.at_start = at_start.to(self.t_eval.device)
         dev = self.t_eval.device
         flat = step_of.reshape(-1)
@@ -214,9 +215,8 @@ class BatchedOutputs:
 
     def start_incremental(self, t_start):
         """For adaptive solves: outputs are assigned as steps are accepted (see :meth:`assign`)."""
-        self.at_start = self.t_eval[:, 0] == t_start
-        self._pending = torch.ones_like(self.t_eval, dtype=torch.bool)
-        self._pending[:, 0] = ~self.at_start
+        self.at_start = self.t_eval == t_start[:, None]
+        self._pending = ~self.at_start
 
     def assign(self, n, t_old, t_new, direction):
         """Outputs passed by step ``n`` (torchode's rule: the first step whose end reaches them)."""
@@ -231,12 +231,12 @@ class BatchedOutputs:
 
     def allocate(self, y, dtype):
         ys = torch.full((y.shape[0], self.t_eval.shape[1], *y.shape[1:]), math.nan, dtype=dtype, device=y.device)
-        ys[self.at_start, 0] = y[self.at_start].to(dtype)
-        return ys
+        mask = self.at_start.reshape(*self.at_start.shape, *([1] * (y.ndim - 1)))
+        return torch.where(mask, y[:, None].to(dtype), ys)
 
     def y0_cotangent(self, g):
-        mask = self.at_start.reshape(-1, *([1] * (g.ndim - 2))).to(g.dtype)
-        return g[:, 0] * mask
+        mask = self.at_start.reshape(*self.at_start.shape, *([1] * (g.ndim - 2))).to(g.dtype)
+        return (g * mask).sum(dim=1)
 
     def last_active_step(self, g) -> int:
         active = (g.reshape(g.shape[0], g.shape[1], -1) != 0).any(dim=2)
@@ -370,6 +370,8 @@ class _Problem:
                 continue
             yi = _axpy(y, h, ks, tab.a[i]) if i else y
             k = f(times[i], yi)
+            if type(k) is not torch.Tensor or k.shape != y.shape or not k.dtype.is_floating_point:
+                _bad_velocity(k, y, times[i])
             if k.dtype != state_dtype:
                 # Velocities may come back in fp16/bf16; every combination is formed in the state
                 # dtype (a 0-d h would not promote a half-precision k).
@@ -378,13 +380,29 @@ class _Problem:
         return _axpy(y, h, ks, tab.b), ks
 
 
+def _bad_velocity(k, y, t) -> None:
+    """The field's result must be a real floating tensor of the state's shape, at every evaluation.
+
+    A broadcastable shape (a (1,) result for a (3,) state) would otherwise be summed into the state
+    without a word; an integer or complex result would be cast."""
+    if not isinstance(k, torch.Tensor):
+        raise TypeError(f"the vector field must return a tensor, got {type(k).__name__} (at t = {float(t.min()):.6g})")
+    if not k.dtype.is_floating_point:
+        raise TypeError(f"the vector field must return a real floating-point tensor, got {k.dtype} (at t = {float(t.min()):.6g})")
+    if k.shape != y.shape:
+        raise ValueError(
+            f"the vector field returned shape {tuple(k.shape)} for a state of shape {tuple(y.shape)} "
+            f"(at t = {float(t.min()):.6g}); it must return the state's shape"
+        )
+
+
 def _probe_first(prob: _Problem, t_first, y):
     """The field's first evaluation, with a graph, checked for hidden tensors; reused as a stage."""
     mark = sequence_mark()
     with torch.enable_grad():
         k0 = prob.f(t_first, y)
-        if not isinstance(k0, torch.Tensor):
-            raise TypeError(f"the vector field must return a tensor, got {type(k0).__name__}")
+        if not isinstance(k0, torch.Tensor) or k0.shape != y.shape or not k0.dtype.is_floating_point:
+            _bad_velocity(k0, y, t_first)
         refs, outside = prob.check.scan([k0], (y, t_first), mark)
     k0 = k0.detach().to(prob.policy.state_dtype)  # drops the probe's graph before the liveness check
     prob.check.raise_if_hidden(refs, outside)
@@ -486,10 +504,6 @@ def _forward_once(prob: _Problem, y0, grid, t_out, store: bool, probe: bool, rep
             if prob.callback_step is not None:
                 prob.callback_step(grid[n], y, h_all[n])
             y_next, ks = prob.step(y, times[n].unbind(0), h_steps[n], k0)
-            if n == 0 and ks[0].shape != y.shape:
-                raise ValueError(
-                    f"the vector field returned shape {tuple(ks[0].shape)} for a state of shape {tuple(y.shape)}"
-                )
             nfe += tab.stages - (k0 is not None)
             if watch and y_next.requires_grad:
                 refs, outside = prob.check.scan([y_next], (y,))
@@ -761,7 +775,10 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
     def f_counted(tt, yy):
         nonlocal nfe
         nfe += 1
-        return prob.f(tt, yy).to(state_dtype)
+        k = prob.f(tt, yy)
+        if type(k) is not torch.Tensor or k.shape != yy.shape or not k.dtype.is_floating_point:
+            _bad_velocity(k, yy, tt)
+        return k.to(state_dtype)
 
     with prob.autocast():
         k0_token = None
@@ -1013,7 +1030,10 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
     def f_counted(tt, yy):
         nonlocal nfe
         nfe += 1
-        return prob.f(tt, yy).to(state_dtype)
+        k = prob.f(tt, yy)
+        if type(k) is not torch.Tensor or k.shape != yy.shape or not k.dtype.is_floating_point:
+            _bad_velocity(k, yy, tt)
+        return k.to(state_dtype)
 
     with prob.autocast():
         y = y0.detach().to(state_dtype)

@@ -156,8 +156,8 @@ class RampdeFixedGridSolver:
     def integrate(self, t: torch.Tensor) -> torch.Tensor:
         opts = self.options
         policy = resolve_policy(opts["precision"], device_type=self.y0.device.type, state_dtype=self.y0.dtype)
-        if t.shape[0] == 1:
-            return self.y0.to(policy.output).unsqueeze(0)
+        if t.shape[0] == 1:  # a copy, as torchdiffeq's own solvers return (never y0's storage)
+            return self.y0.to(policy.output, copy=True).unsqueeze(0)
         # torchdiffeq wraps the user's function in _PerturbFunc, which casts t to the state's dtype
         # (fp16 for an fp16 state); call the function beneath it, with time in the dtype torchdiffeq
         # gives a float32/float64 state -- never the controller's float64 leaking to a float32 field.

@@ -22,6 +22,8 @@ import functools
 import importlib
 import inspect
 
+import torch
+
 from rampde_plugins import HostAdapter, UnsupportedHostError, get_registry
 
 PREFIX = "rampde_"
@@ -33,13 +35,14 @@ HOST_METHODS: dict = {}
 
 def host_tableaus():
     """torchode's Dopri5 and Tsit5 as rampde tableaus (shared names: torchdiffeq has a dopri5 too)."""
-    from torchode import Dopri5, Tsit5
+    from torchode import Dopri5, Heun, Tsit5
 
     from ._adjoint import _tableau_of_class
     from rampde_plugins import ButcherTableau
 
     out = []
-    for name, cls, order in (("dopri5", Dopri5, 5), ("tsit5", Tsit5, 5)):
+    # Every method torchode registers by name (heun, dopri5, tsit5) is reachable as rampde_<name>.
+    for name, cls, order in (("heun", Heun, 2), ("dopri5", Dopri5, 5), ("tsit5", Tsit5, 5)):
         t = _tableau_of_class(cls, order)
         out.append(ButcherTableau(name, c=t.c, a=t.a, b=t.b, order=order, b_err=t.b_err,
                                   description=f"{cls.__name__} (torchode's coefficients)"))
@@ -128,6 +131,12 @@ class TorchodeAdapter(HostAdapter):
         def solve_ivp(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             method = bound.arguments.get("method")
+            y0 = bound.arguments.get("y0")
+            if adapter.owns(method) and isinstance(y0, torch.Tensor) and y0.ndim != 2:
+                raise ValueError(
+                    f"solve_ivp(method={method!r}): y0 must be (batch, features) as in torchode, got shape "
+                    f"{tuple(y0.shape)}; add a batch dimension (y0[None]) or flatten the features"
+                )
             if adapter.owns(method) and bound.arguments.get("controller") is None:
                 name = method[len(PREFIX):]
                 current = get_registry()  # not the install-time registry: refresh keeps this wrapper

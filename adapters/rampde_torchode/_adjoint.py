@@ -263,10 +263,18 @@ class RampdeAdjoint(torch.nn.Module):
                 "steps; use torchode.FixedStepController() with dt0, or an embedded method (Dopri5, Tsit5, Heun)"
             )
         batch = y0.shape[0]
+        for name, tt in (("t_start", t_start), ("t_end", t_end)):
+            if not bool(torch.isfinite(tt).all()):
+                b = int(torch.nonzero(~torch.isfinite(tt))[0])
+                raise ValueError(f"{name}[{b}]={tt[b].item()!r}: start and end times must be finite")
         if dt0 is not None:
-            dt0 = torch.as_tensor(dt0, dtype=time_dtype, device=y0.device).expand(batch)
+            dt0 = torch.as_tensor(dt0, dtype=time_dtype, device=y0.device)
+            if dt0.ndim > 1 or (dt0.ndim == 1 and dt0.shape[0] != batch):
+                raise ValueError(f"dt0 must be a number or a (batch,) = ({batch},) tensor, got shape {tuple(dt0.shape)}")
+            dt0 = dt0.expand(batch)
             direction = torch.where(t_end > t_start, 1, -1).to(time_dtype)
-            bad = ~((dt0 * direction > 0) & torch.isfinite(dt0))
+            # A sample with an empty span (t_start == t_end) takes no step: its dt0 is not used.
+            bad = ~((dt0 * direction > 0) & torch.isfinite(dt0)) & (t_end != t_start)
             if bool(bad.any()):
                 b = int(torch.nonzero(bad)[0])
                 raise ValueError(
@@ -280,6 +288,11 @@ class RampdeAdjoint(torch.nn.Module):
             )
         t_eval = self._check_t_eval(problem)
         policy = resolve_policy(self.precision, device_type=y0.device.type, state_dtype=y0.dtype)
+        if batch == 0:  # torchode answers an empty batch with an empty solution
+            ys = y0.to(policy.output)[:, None].expand(0, t_eval.shape[1], *y0.shape[1:])
+            empty = torch.zeros(0, dtype=torch.long, device=y0.device)
+            stats = {"n_f_evals": empty, "n_steps": empty, "n_accepted": empty, "n_initialized": empty, "rampde": None}
+            return Solution(ts=t_eval, ys=ys, stats=stats, status=empty)
         f = term.f if not term.with_args else functools.partial(_with_args, term.f, args)
         common = dict(
             tableau=tableau, policy=policy, params=self.params if self.params is not None else tuple(term.parameters()),
@@ -326,6 +339,12 @@ class RampdeAdjoint(torch.nn.Module):
         t_start, t_end, t_eval = problem.t_start, problem.t_end, problem.t_eval
         if t_eval is None:
             return t_end[:, None]
+        if t_eval.ndim != 2 or t_eval.shape[0] != t_start.shape[0]:
+            raise ValueError(f"t_eval must be (batch, n_eval) = ({t_start.shape[0]}, n) as in torchode, got shape "
+                             f"{tuple(t_eval.shape)}; solve_ivp expands a 1-D t_eval for you")
+        if not bool(torch.isfinite(t_eval).all()):
+            b, j = (int(x) for x in torch.nonzero(~torch.isfinite(t_eval))[0])
+            raise ValueError(f"t_eval[{b}, {j}]={t_eval[b, j].item()!r}: output times must be finite")
         lo = torch.minimum(t_start, t_end)[:, None]
         hi = torch.maximum(t_start, t_end)[:, None]
         outside = (t_eval < lo) | (t_eval > hi)
