@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -133,7 +134,7 @@ def fit_error(func, data, device, steps_per_unit=40):
     return float((pred - y).abs().mean()), pred
 
 
-def plot(path, data, preds, curves):
+def plot(path, data, preds, curves, settings: str = ""):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +148,8 @@ def plot(path, data, preds, curves):
     ax1.set_title("phase portrait: learned dynamics from y(0)")
     ax1.set_xlabel("y1")
     ax1.set_ylabel("y2")
-    ax1.legend(fontsize=8)
+    # Outside the axes: the spiral fills its box, a legend inside would cover the data.
+    ax1.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.14), ncol=3, frameon=False)
     for (label, losses), (color, ls, lw) in zip(curves.items(), [("C0", "-", 2.4), ("C3", "--", 1.2)]):
         k = max(1, len(losses) // 50)
         smooth = torch.tensor(losses).unfold(0, k, 1).mean(1) if len(losses) >= k else torch.tensor(losses)
@@ -156,7 +158,9 @@ def plot(path, data, preds, curves):
     ax2.set_xlabel("iteration")
     ax2.set_ylabel("training loss (moving average)")
     ax2.set_title("loss curves")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="upper right")
+    if settings:
+        fig.suptitle(settings, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -222,8 +226,13 @@ def main(argv=None) -> dict:
                      f"{r['grad_rel_error_vs_fp64_init']:19.1e} /{r['grad_rel_error_vs_fp64_end']:8.1e}{r['trajectory_fit_mae']:9.4f}")
     lines.append(f"ratios (rampde / torchdiffeq): time {ours['time_per_iter_ms'] / host['time_per_iter_ms']:.2f}x, "
                  f"memory {ours[mem_key] / host[mem_key]:.3f}x   ({'autograd saved tensors' if device.type == 'cpu' else 'CUDA peak'})")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    lines.append(f"machine: {torch.get_num_threads()} torch threads, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+                 "(on a busy machine OpenMP threads oversubscribe: expect several times the idle times)")
     out = Path(args.out)
-    plot(out / "spiral_fit.png", data, preds, curves)
+    settings = (f"rampde_rk4 {precision} vs torchdiffeq rk4 fp32: {args.iters} iterations, {args.steps} RK4 steps, "
+                f"hidden {args.hidden}, batch {args.batch}, lr {args.lr}, seed {args.seed}, {device.type}")
+    plot(out / "spiral_fit.png", data, preds, curves, settings)
     summary = {"machine": machine_info(device), "args": vars(args), "precision": precision, "results": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     lines.append(f"wrote {out / 'spiral_fit.png'} and {out / 'summary.json'}")

@@ -37,12 +37,17 @@ def main(argv=None) -> int:
     lines += _table(rows) if rows else ["  (none)"]
     lines += ["", "methods (host libraries see rampde_<name>):"]
     rows = [
-        (f"rampde_{n}", f"order {t.order}", f"{t.stages} stages", registry.provider("tableau", n), t.description)
+        (f"rampde_{n}", f"order {t.order}", f"{t.stages} stage{'s' if t.stages != 1 else ''}",
+         "adaptive" if t.b_err is not None and any(w != 0.0 for w in t.b_err) else "fixed steps",
+         registry.provider("tableau", n), t.description)
         for n, t in sorted(registry.tableaus.items())
     ]
     lines += _table(rows)
-    lines += ["", "precision policies (options={'precision': name}):"]
-    rows = [(n, registry.provider("policy", n), p.describe()) for n, p in sorted(registry.policies.items())]
+    lines += ["", "precision policies (options={'precision': name}; * = default for a float32 state on the CPU "
+                  "without autocast):"]
+    default = rampde_plugins.resolve_policy(None, device_type="cpu", state_dtype=torch.float32).name
+    rows = [(("* " if n == default else "  ") + n, registry.provider("policy", n), p.describe())
+            for n, p in sorted(registry.policies.items())]
     lines += _table(rows)
     print("\n".join(lines))
     return 0

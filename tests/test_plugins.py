@@ -172,7 +172,9 @@ def test_cli_lists_plugins_methods_and_policies():
     assert "torchdiffeq" in out and "installed" in out
     assert "rampde_rk4" in out and "Kutta's 3/8 rule" in out
     for name in ("fp64", "fp32", "bf16", "fp16", "fp16_gradscaler"):
-        assert f"\n  {name} " in out
+        assert f"\n  {'*' if name == 'fp32' else ' '} {name} " in out  # * marks the default policy
+    assert "rampde_euler          order 1  1 stage    fixed steps" in out
+    assert "rampde_dopri5         order 5  7 stages   adaptive" in out
 
 
 def test_shared_method_with_other_error_weights_is_not_merged():
