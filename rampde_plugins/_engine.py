@@ -35,6 +35,7 @@ from ._policy import PrecisionPolicy
 from ._probe import GraphCheck, sequence_mark
 from ._replay import StepReplay
 from ._scaler import AdjointScaler
+from ._storage import ChunkedStore
 from ._stats import _new_record
 from ._tableau import ButcherTableau
 
@@ -289,7 +290,7 @@ class _Problem:
     first_next_steps: set = field(default_factory=set)
     # steps whose first stage is the previous step's last stage, not f(t_n, y_n): their value is
     # stored and its cotangent flows into the previous step (see _backward)
-    carried_k0: dict = field(default_factory=dict)
+    carried_k0: "_Carried" = field(default_factory=lambda: _Carried())
     precomputed: tuple | None = None
     # what recomputed steps must see again (random numbers, buffers); None without a backward
     replay: StepReplay | None = None
@@ -341,13 +342,14 @@ class _Problem:
             times.append(ti)
         return times
 
-    def stage_time_table(self, grid: torch.Tensor) -> torch.Tensor:
-        """All stage times of all steps, ``(n_steps, stages[, B])``, computed once (no graph)."""
+    def stage_time_table(self, grid: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Stage times of the steps of ``grid`` (steps ``offset ...`` of the solve), ``(n, stages[, B])``."""
         t0, t1 = grid[:-1], grid[1:]
         first_next = None
-        if self.first_next_steps:
+        inside = [n - offset for n in self.first_next_steps if 0 <= n - offset < t0.shape[0]]
+        if inside:
             first_next = torch.zeros(t0.shape[0], dtype=torch.bool)
-            first_next[sorted(self.first_next_steps)] = True
+            first_next[sorted(inside)] = True
         return torch.stack(self.stage_times(t0, t1, t1 - t0, first_next), dim=1)
 
     def h_for_state(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -378,6 +380,64 @@ class _Problem:
                 k = k.to(state_dtype)
             ks.append(k)
         return _axpy(y, h, ks, tab.b), ks
+
+
+class _StepTable:
+    """Stage times and step sizes of a fixed grid, computed a chunk of steps at a time.
+
+    Precomputing them for the whole grid made one tensor view (and one float) per step -- memory
+    that grew with the number of steps even under ``no_grad``.  A chunk of 256 steps is one table
+    and one host synchronisation; the backward walks it in reverse, one chunk reload per 256 steps.
+    """
+
+    CHUNK = 256
+
+    def __init__(self, prob: "_Problem", grid: torch.Tensor, y: torch.Tensor):
+        self.prob, self.grid, self.y = prob, grid, y
+        self.h_all = grid[1:] - grid[:-1]
+        self.start, self.stop = 0, -1
+
+    def __getitem__(self, n: int):
+        """(stage times of step n, its step size: a float, or a state-shaped tensor per sample)."""
+        if not self.start <= n < self.stop:
+            c0 = n - n % self.CHUNK
+            c1 = min(c0 + self.CHUNK, self.h_all.shape[0])
+            self.times = self.prob.stage_time_table(self.grid[c0 : c1 + 1], offset=c0).unbind(0)
+            h = self.h_all[c0:c1]
+            # floats: the steps then use fused add(alpha=h*a_ij) (one synchronisation per chunk)
+            self.h = [self.prob.h_for_state(x, self.y) for x in h] if self.prob.per_sample else h.tolist()
+            self.start, self.stop = c0, c1
+        return self.times[n - self.start].unbind(0), self.h[n - self.start]
+
+
+class _Carried:
+    """First stages carried from one accepted step into the next (adaptive steps), chunk-stored."""
+
+    __slots__ = ("_store", "_index")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        import array
+
+        self._store, self._index = ChunkedStore(), array.array("q")
+
+    def __setitem__(self, n: int, value: torch.Tensor) -> None:
+        while len(self._index) <= n:
+            self._index.append(-1)
+        self._index[n] = len(self._store)
+        self._store.append(value)
+
+    def get(self, n: int):
+        i = self._index[n] if n < len(self._index) else -1
+        return None if i < 0 else self._store[i]
+
+    def __bool__(self) -> bool:
+        return bool(self._store)
+
+    def nbytes(self) -> int:
+        return self._store.nbytes()
 
 
 def _bad_velocity(k, y, t) -> None:
@@ -435,7 +495,7 @@ def _check_storage(prob: _Problem, stored, grid) -> None:
     if isinstance(stored, torch.Tensor):
         bad = torch.isinf(stored.reshape(stored.shape[0], -1)).any(dim=1)
     elif stored:
-        bad = torch.stack([torch.isinf(x).any() for x in stored])
+        bad = torch.cat([torch.isinf(c.reshape(c.shape[0], -1)).any(dim=1) for c in stored.chunks()])
     else:
         return
     if bool(bad.any()):  # one synchronisation per solve, only for narrow storage dtypes
@@ -472,12 +532,8 @@ def _forward_once(prob: _Problem, y0, grid, t_out, store: bool, probe: bool, rep
     sol = outputs.allocate(y, pol.output)
     stored = torch.empty((n_steps, *y.shape), dtype=pol.storage, device=y.device) if store else None
     grid, t_out = grid.detach(), t_out.detach()
-    h_all = grid[1:] - grid[:-1]
-    if prob.per_sample:
-        h_steps = [prob.h_for_state(h, y) for h in h_all]
-    else:
-        h_steps = h_all.tolist()  # one synchronisation; steps then use fused add(alpha=h*a_ij)
-    times = prob.stage_time_table(grid).unbind(0)
+    table = _StepTable(prob, grid, y)
+    h_all = table.h_all
     # First-same-as-last: the last stage of a step is f(t_{n+1}, y_{n+1}) bit for bit (same
     # coefficients, same operation order), so it is the next step's first stage.  Not with
     # `perturb`, which evaluates the two at different sides of t_{n+1}, and not for a field that is
@@ -488,7 +544,7 @@ def _forward_once(prob: _Problem, y0, grid, t_out, store: bool, probe: bool, rep
     with prob.autocast():
         if probe:
             # The first stage, with a graph: hidden tensors are looked for, and the value is reused.
-            k0 = _probe_first(prob, times[0][0], y)
+            k0 = _probe_first(prob, table[0][0][0], y)
             nfe += 1
             if replay is not None:
                 if not replaying:
@@ -503,7 +559,8 @@ def _forward_once(prob: _Problem, y0, grid, t_out, store: bool, probe: bool, rep
                 replay.capture(n)
             if prob.callback_step is not None:
                 prob.callback_step(grid[n], y, h_all[n])
-            y_next, ks = prob.step(y, times[n].unbind(0), h_steps[n], k0)
+            stage_t, h_n = table[n]
+            y_next, ks = prob.step(y, stage_t, h_n, k0)
             nfe += tab.stages - (k0 is not None)
             if watch and y_next.requires_grad:
                 refs, outside = prob.check.scan([y_next], (y,))
@@ -558,11 +615,8 @@ def _adjoint_sweep(prob: _Problem, stored, grid, t_out, params, grad_sol, needs)
     max_retries = scaler._config.max_retries if dynamic else 0
 
     grid_d, t_out_d = grid.detach(), t_out.detach()
-    h_all = grid_d[1:] - grid_d[:-1]
-    h_steps = None
-    if not need_time:
-        times = prob.stage_time_table(grid_d).unbind(0)
-        h_steps = h_all.tolist() if not prob.per_sample else None
+    table = _StepTable(prob, grid_d, stored[0])
+    h_all = table.h_all
     replay = prob.replay if prob.replay is not None and prob.replay.active else None
     check = prob.check
     mark = sequence_mark()  # nodes numbered below were created before this backward (same thread)
@@ -583,8 +637,7 @@ def _adjoint_sweep(prob: _Problem, stored, grid, t_out, params, grad_sol, needs)
                 hs = prob.h_for_state(h, y_n)
             else:
                 t0, t1, h = grid_d[n], grid_d[n + 1], h_all[n]
-                hs = h_steps[n] if h_steps is not None else prob.h_for_state(h, y_n)
-                stage_t = times[n].unbind(0)
+                stage_t, hs = table[n]
             k0 = k0_leaf
             if replay is not None:
                 if k0 is None and (n, "k0") in replay.tokens:
@@ -768,7 +821,7 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
     t = t_out[0]
     t_host = t_out.tolist()
     n_out = len(t_host)
-    stored, grid = [], [t]
+    stored, grid = ChunkedStore(), ChunkedStore()  # states and accepted end times, 8 bytes a step
     nfe = 0
     watch = prob.watch
 
@@ -811,8 +864,9 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
             if not controller.judge(t, t1, h, y, y1, err):
                 rejected += 1
                 continue
-            stored.append(y.to(storage))
-            if carried:
+            if probe:  # without a backward to come nothing is kept
+                stored.append(y.to(storage))
+            if carried and probe:
                 prob.carried_k0[n] = k0.to(storage)
             elif active:
                 replay.put((n, "k0"), k0_token)
@@ -820,8 +874,8 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
                 replay.put(n, stage_token)
             if first_next:
                 prob.first_next_steps.add(n)
-            grid.append(t1)
             t1_host = float(t1)
+            grid.append(t1)
             entry = []
             while out_j < n_out and t_host[out_j] <= t1_host:
                 entry.append((out_j, False))
@@ -853,9 +907,10 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
     rec = prob.record
     rec.n_steps, rec.n_outputs, rec.forward_nfe = n, t_out.numel(), nfe + prob.nfe_extra
     rec.rejected_steps = rejected
-    rec.stored_bytes = sum(x.numel() * x.element_size() for x in stored) + sum(
-        x.numel() * x.element_size() for x in prob.carried_k0.values())
-    return sol, stored, torch.stack(grid)
+    rec.stored_bytes = stored.nbytes() + prob.carried_k0.nbytes()
+    ends = grid.stack() if grid else t_out[:0]
+    dtype = torch.promote_types(t_out.dtype, ends.dtype)
+    return sol, stored, torch.cat([t_out[:1].to(dtype), ends.to(dtype)])
 
 
 def solve_adaptive(
@@ -916,7 +971,7 @@ def solve_adaptive(
     prob.watch = grad_mode and not needs_graph
     with torch.set_grad_enabled(prob.watch):
         sol, stored, grid_values = _adaptive_forward(prob, y0, t_out_t, controller, probe=needs_graph)
-    prob.n_steps = len(stored)
+    prob.n_steps = prob.record.n_steps
     if needs_graph:
         _check_storage(prob, stored, grid_values)
     if not needs_graph or not stored:
@@ -1004,7 +1059,7 @@ def solve_batched_adaptive(
         sol, stored, grid, anchors, info = _with_replay(prob, run, needs_graph)
     record.replayed = bool(needs_graph and prob.replay.active)
     record.forward_runs = prob.forward_runs
-    grid_values = torch.stack(grid)
+    grid_values = grid.stack()
     info["grid"] = grid_values
     if not needs_graph or not stored:
         return sol, info
@@ -1012,7 +1067,7 @@ def solve_batched_adaptive(
     record.stored_bytes += prob.replay.stored_bytes()
     # Accepted step sizes are constants: each sample's times move with its start time, or with its
     # end time from the step clamped onto it (torchode's arithmetic).
-    anchor = torch.stack(anchors).to(time_dtype)
+    anchor = anchors.stack().to(time_dtype)
     grid = grid_values + (1 - anchor) * (t_start - t_start.detach()) + anchor * (t_end - t_end.detach())
     prob.precomputed = (sol, stored)
     return _apply(prob, y0, grid, outputs.t_eval, diff_params), info
@@ -1064,7 +1119,9 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
         n_steps = torch.zeros_like(t, dtype=torch.long)
         n_accepted = torch.zeros_like(t, dtype=torch.long)
         status = torch.zeros_like(t, dtype=torch.long)
-        stored, grid, anchors = [], [t], [anchored]
+        stored, grid, anchors = ChunkedStore(), ChunkedStore(), ChunkedStore()
+        grid.append(t)
+        anchors.append(anchored)
         n = 0
         while bool(running.any()):
             if max_steps is not None and int(n_steps.max()) >= max_steps:
@@ -1085,7 +1142,8 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
             accept, dt_next, st = controller.judge(t, dt, y, y1, err)
             to_update = accept & running
             t_new = torch.where(to_update, t + dt, t)
-            stored.append(y.to(storage))
+            if probe:  # without a backward to come no state is kept
+                stored.append(y.to(storage))
             grid.append(t_new)
             anchored = anchored | (will_anchor & to_update)
             anchors.append(anchored)
@@ -1119,7 +1177,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                 break
     record.n_steps, record.n_outputs, record.forward_nfe = n, outputs.t_eval.numel(), nfe + prob.nfe_extra
     record.rejected_steps = int((n_steps - n_accepted).sum())
-    record.stored_bytes = sum(x.numel() * x.element_size() for x in stored)
+    record.stored_bytes = stored.nbytes()
     prob.n_steps = n
     info = {"n_steps": n_steps, "n_accepted": n_accepted, "status": status}
     return sol, stored, grid, anchors, info
