@@ -4,7 +4,7 @@
     nox -f compat/noxfile.py -t full            # torch x torchdiffeq x torchode + report
     nox -f compat/noxfile.py -t unsupported     # the expected-unsupported releases + report
     nox -f compat/noxfile.py -s "cell(torchdiffeq='0.2.4', torchode='1.0.0')"    # one cell
-    nox -f compat/noxfile.py -s report          # regenerate results.md / results.json only
+    nox -f compat/noxfile.py -s report          # regenerate the report (compat/.work/; COMPAT_PUBLISH=1: the committed one)
     nox -f compat/noxfile.py -l                 # list the cells and their tags
 
 Arguments after `--` go to pytest (e.g. `-- -x tests/test_values.py`).  See compat/README.md.
@@ -116,12 +116,28 @@ def _paths(cell) -> dict:
     }
 
 
+def _see_outer_site_packages(session) -> None:
+    """Run from inside a virtualenv, ``--system-site-packages`` shows the cell the *base*
+    interpreter's packages, not the virtualenv's torch; a .pth file in the cell's site-packages adds
+    the outer environment's, so the cell reuses that torch as it does outside a virtualenv."""
+    import site
+
+    if sys.prefix == sys.base_prefix:
+        return
+    outer = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    cell_site = session.run("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                            silent=True).strip().splitlines()[-1]
+    (Path(cell_site) / "_rampde_outer_env.pth").write_text("\n".join(outer) + "\n")
+    session.log(f"outer virtualenv {sys.prefix}: its site-packages are visible to the cell ({', '.join(outer)})")
+
+
 def _run_cell(session, cell, paths: dict, result: dict) -> None:
     timings = result["timings_s"]
     t = time.monotonic()
     tmp = Path(session.create_tmp()).resolve()  # (nox makes it absolute against the cwd: before chdir)
     session.chdir(str(ROOT))
     constraints = tmp / "constraints.txt"
+    _see_outer_site_packages(session)
     if cell.system_torch:
         # Never a second torch: pip may only keep the interpreter's build.
         constraints.write_text(f"torch=={SYSTEM_TORCH}\n")
