@@ -12,6 +12,8 @@ from torchdiffeq import odeint
 
 import rampde_plugins  # noqa: F401
 
+from .helpers import needs_torchdiffeq_callbacks
+
 
 def _live_tensors():
     gc.collect()
@@ -33,6 +35,7 @@ class Field(nn.Module):
             self.during = _live_tensors()
 
 
+@needs_torchdiffeq_callbacks  # the count during the solve is taken in callback_step
 @pytest.mark.parametrize("method, opts", [
     ("rampde_rk4", lambda n: {"step_size": 1.0 / n}),
     ("rampde_dopri5", lambda n: {"max_step": 1.0 / n, "first_step": 1.0 / n}),
