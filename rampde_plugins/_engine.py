@@ -456,13 +456,18 @@ def _bad_velocity(k, y, t) -> None:
         )
 
 
+def _check_velocity(k, y, t):
+    """``k`` if it is a real floating tensor of ``y``'s shape, else the error (see :func:`_bad_velocity`)."""
+    if type(k) is not torch.Tensor or k.shape != y.shape or not k.dtype.is_floating_point:
+        _bad_velocity(k, y, t)
+    return k
+
+
 def _probe_first(prob: _Problem, t_first, y):
     """The field's first evaluation, with a graph, checked for hidden tensors; reused as a stage."""
     mark = sequence_mark()
     with torch.enable_grad():
-        k0 = prob.f(t_first, y)
-        if not isinstance(k0, torch.Tensor) or k0.shape != y.shape or not k0.dtype.is_floating_point:
-            _bad_velocity(k0, y, t_first)
+        k0 = _check_velocity(prob.f(t_first, y), y, t_first)
         refs, outside = prob.check.scan([k0], (y, t_first), mark)
     k0 = k0.detach().to(prob.policy.state_dtype)  # drops the probe's graph before the liveness check
     prob.check.raise_if_hidden(refs, outside)
@@ -482,6 +487,11 @@ def _with_replay(prob: _Problem, run, store: bool):
         prob.forward_runs = 2
         prob.nfe_extra = 0
         out = run(True)
+    rec = prob.record
+    rec.replayed = bool(replay is not None and replay.active)
+    rec.forward_runs = prob.forward_runs
+    if replay is not None:
+        rec.stored_bytes += replay.stored_bytes()  # run() set the states' bytes
     return out
 
 
@@ -514,9 +524,6 @@ def _forward(prob: _Problem, y0, grid, t_out, *, store: bool, probe: bool):
     sol, stored = _with_replay(prob, lambda replaying: _forward_once(prob, y0, grid, t_out, store, probe, replaying), store)
     if store:
         _check_storage(prob, stored, grid)
-        prob.record.stored_bytes += prob.replay.stored_bytes()
-    prob.record.replayed = bool(store and prob.replay.active)
-    prob.record.forward_runs = prob.forward_runs
     return sol, stored
 
 
@@ -799,13 +806,8 @@ def _adaptive_forward(prob: _Problem, y0, t_out, controller: StepController, pro
     """
     if prob.tableau.b_err is None:
         raise ValueError(f"method {prob.tableau.name!r} has no embedded error estimate; it cannot adapt its step size")
-    store = probe  # the adaptive drivers probe exactly when a backward may follow
-    out = _with_replay(prob, lambda replaying: _adaptive_forward_once(prob, y0, t_out, controller, probe, replaying), store)
-    prob.record.replayed = bool(store and prob.replay.active)
-    prob.record.forward_runs = prob.forward_runs
-    if store:
-        prob.record.stored_bytes += prob.replay.stored_bytes()
-    return out
+    # the adaptive drivers probe exactly when a backward may follow
+    return _with_replay(prob, lambda replaying: _adaptive_forward_once(prob, y0, t_out, controller, probe, replaying), probe)
 
 
 def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController, probe: bool, replaying: bool):
@@ -828,10 +830,7 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
     def f_counted(tt, yy):
         nonlocal nfe
         nfe += 1
-        k = prob.f(tt, yy)
-        if type(k) is not torch.Tensor or k.shape != yy.shape or not k.dtype.is_floating_point:
-            _bad_velocity(k, yy, tt)
-        return k.to(state_dtype)
+        return _check_velocity(prob.f(tt, yy), yy, tt).to(state_dtype)
 
     with prob.autocast():
         k0_token = None
@@ -866,12 +865,12 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
                 continue
             if probe:  # without a backward to come nothing is kept
                 stored.append(y.to(storage))
-            if carried and probe:
-                prob.carried_k0[n] = k0.to(storage)
-            elif active:
-                replay.put((n, "k0"), k0_token)
-            if active:
-                replay.put(n, stage_token)
+                if carried:
+                    prob.carried_k0[n] = k0.to(storage)
+                elif active:
+                    replay.put((n, "k0"), k0_token)
+                if active:
+                    replay.put(n, stage_token)
             if first_next:
                 prob.first_next_steps.add(n)
             t1_host = float(t1)
@@ -1057,14 +1056,11 @@ def solve_batched_adaptive(
 
     with torch.set_grad_enabled(prob.watch):
         sol, stored, grid, anchors, info = _with_replay(prob, run, needs_graph)
-    record.replayed = bool(needs_graph and prob.replay.active)
-    record.forward_runs = prob.forward_runs
     grid_values = grid.stack()
     info["grid"] = grid_values
     if not needs_graph or not stored:
         return sol, info
     _check_storage(prob, stored, grid_values)
-    record.stored_bytes += prob.replay.stored_bytes()
     # Accepted step sizes are constants: each sample's times move with its start time, or with its
     # end time from the step clamped onto it (torchode's arithmetic).
     anchor = anchors.stack().to(time_dtype)
@@ -1085,10 +1081,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
     def f_counted(tt, yy):
         nonlocal nfe
         nfe += 1
-        k = prob.f(tt, yy)
-        if type(k) is not torch.Tensor or k.shape != yy.shape or not k.dtype.is_floating_point:
-            _bad_velocity(k, yy, tt)
-        return k.to(state_dtype)
+        return _check_velocity(prob.f(tt, yy), yy, tt).to(state_dtype)
 
     with prob.autocast():
         y = y0.detach().to(state_dtype)
@@ -1155,12 +1148,8 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                     outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, outputs.t_eval.detach(), False)))
             mask = to_update.reshape(-1, *([1] * (y.ndim - 1)))
             y = torch.where(mask, y1, y)
-            if active:
-                pass  # the next iteration evaluates its first stage itself
-            elif tableau.fsal:
-                k0 = torch.where(mask, ks[-1], k0)
-            else:
-                k0 = torch.where(mask, f_counted(t_new, y), k0)
+            if not active:  # (a replayed iteration evaluates its first stage itself, above)
+                k0 = torch.where(mask, ks[-1] if tableau.fsal else f_counted(t_new, y), k0)
             t = t_new
             n_steps += running
             n_accepted += to_update

@@ -36,8 +36,7 @@ class ChunkedStore:
         i = self._n % self._chunk
         if i == 0:
             self._chunks.append(torch.empty((self._chunk, *x.shape), dtype=x.dtype, device=x.device))
-        with torch.no_grad():
-            self._chunks[-1][i].copy_(x)
+        self._chunks[-1][i].copy_(x.detach())  # a plain copy: no graph, whatever the grad mode
         self._n += 1
 
     def __len__(self) -> int:

@@ -71,3 +71,28 @@ def linear_problem(dim=10, batch=12, seed=0):
     a = -0.5 * torch.eye(dim, dtype=torch.float64) + 0.5 * (m - m.T) - 0.2 * m @ m.T
     y0 = torch.randn(batch, dim, generator=g, dtype=torch.float64)
     return a, y0
+
+
+class FakeEntryPoint:
+    """Enough of an importlib.metadata entry point for pluggy's loader; ``error`` makes load() raise."""
+
+    def __init__(self, name, obj=None, *, error=None, group="rampde_plugins"):
+        self.name, self.group, self._obj, self._error = name, group, obj, error
+
+    def load(self):
+        if self._error is not None:
+            raise self._error
+        return self._obj
+
+
+class FakeDist:
+    """Enough of importlib.metadata.Distribution for pluggy's entry-point loader."""
+
+    def __init__(self, name, version, entry_points):
+        self.metadata = {"name": name}
+        self.version = version
+        self.entry_points = entry_points
+
+    @property
+    def name(self):
+        return self.metadata["name"]

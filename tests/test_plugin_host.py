@@ -20,28 +20,9 @@ from rampde_plugins import ButcherTableau, PrecisionPolicy, hookimpl
 from rampde_plugins import _manager
 from rampde_plugins._manager import RampdePluginError, RampdePluginWarning
 
+from .helpers import FakeDist, FakeEntryPoint
+
 SOLVERS = importlib.import_module("torchdiffeq._impl.odeint").SOLVERS
-
-
-class _EP:
-    def __init__(self, name, obj=None, error=None):
-        self.name, self.group, self._obj, self._error = name, "rampde_plugins", obj, error
-
-    def load(self):
-        if self._error is not None:
-            raise self._error
-        return self._obj
-
-
-class _Dist:
-    def __init__(self, name, version, eps):
-        self.metadata = {"name": name}
-        self.version = version
-        self.entry_points = eps
-
-    @property
-    def name(self):
-        return self.metadata["name"]
 
 
 def _module(name, **hooks):
@@ -56,13 +37,13 @@ def _good_policy(registry):
 
 
 BROKEN = {
-    "import-error": _EP("broken_import", error=ImportError("No module named 'missing_dependency'")),
-    "duplicate": _EP("dup_policy", _module("dup", rampde_register_precision_policies=lambda registry: registry.add_policy(
+    "import-error": FakeEntryPoint("broken_import", error=ImportError("No module named 'missing_dependency'")),
+    "duplicate": FakeEntryPoint("dup_policy", _module("dup", rampde_register_precision_policies=lambda registry: registry.add_policy(
         PrecisionPolicy("bf16", torch.bfloat16)))),
-    "invalid tableau": _EP("bad_tableau", _module("badtab", rampde_register_tableaus=lambda registry: registry.add_tableau(
+    "invalid tableau": FakeEntryPoint("bad_tableau", _module("badtab", rampde_register_tableaus=lambda registry: registry.add_tableau(
         ButcherTableau("wrong", c=[0.0, 0.5], a=[[], [0.7]], b=[0.0, 1.0], order=2)))),
-    "misspelled hook": _EP("typo", _module("typo", rampde_register_tablaeus=lambda registry: None)),
-    "raising hook": _EP("raiser", _module("raiser", rampde_register_precision_policies=lambda registry: 1 / 0)),
+    "misspelled hook": FakeEntryPoint("typo", _module("typo", rampde_register_tablaeus=lambda registry: None)),
+    "raising hook": FakeEntryPoint("raiser", _module("raiser", rampde_register_precision_policies=lambda registry: 1 / 0)),
 }
 WHY = {
     "import-error": r"ImportError: No module named 'missing_dependency'",
@@ -74,8 +55,8 @@ WHY = {
 
 
 def _fresh_host(monkeypatch, *eps):
-    good = _EP("good_plugin", _module("good", rampde_register_precision_policies=_good_policy))
-    dists = [_Dist("broken-dist", "0.1", list(eps)), _Dist("good-dist", "1.0", [good])]
+    good = FakeEntryPoint("good_plugin", _module("good", rampde_register_precision_policies=_good_policy))
+    dists = [FakeDist("broken-dist", "0.1", list(eps)), FakeDist("good-dist", "1.0", [good])]
     real = importlib.metadata.distributions
     monkeypatch.setattr(importlib.metadata, "distributions", lambda **kw: [*real(**kw), *dists])
     monkeypatch.setattr(_manager, "_state", _manager._State())

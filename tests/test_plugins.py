@@ -13,6 +13,8 @@ import rampde_plugins
 from rampde_plugins import ButcherTableau, PrecisionPolicy, collect_stats, hookimpl
 from rampde_plugins import _manager
 
+from .helpers import FakeDist, FakeEntryPoint
+
 CUSTOM = PrecisionPolicy("bf16_store16", torch.bfloat16, torch.float32, storage_dtype=torch.float16,
                          description="test: bf16 velocities, fp16 storage")
 
@@ -56,31 +58,10 @@ def test_policy_from_a_hookimpl_is_usable_by_name():
         _solve("bf16_store16")
 
 
-class _FakeEntryPoint:
-    def __init__(self, name, group, obj):
-        self.name, self.group, self._obj = name, group, obj
-
-    def load(self):
-        return self._obj
-
-
-class _FakeDist:
-    """Enough of importlib.metadata.Distribution for pluggy's entry-point loader."""
-
-    def __init__(self, name, version, entry_points):
-        self.metadata = {"name": name}
-        self.version = version
-        self.entry_points = entry_points
-
-    @property
-    def name(self):
-        return self.metadata["name"]
-
-
 def test_policy_from_an_entry_point_of_a_fake_distribution(monkeypatch):
     module = types.ModuleType("fake_rampde_policies")
     module.rampde_register_precision_policies = PolicyPlugin.rampde_register_precision_policies.__get__(PolicyPlugin())
-    dist = _FakeDist("fake-policies", "9.9", [_FakeEntryPoint("fake_policies", "rampde_plugins", module)])
+    dist = FakeDist("fake-policies", "9.9", [FakeEntryPoint("fake_policies", module)])
     real = importlib.metadata.distributions
     monkeypatch.setattr(importlib.metadata, "distributions", lambda **kw: [*real(**kw), dist])
     monkeypatch.setattr(_manager, "_state", _manager._State())  # a fresh, process-wide manager
