@@ -1,0 +1,343 @@
+"""Forward drivers: the fixed-grid loop and the two adaptive loops (shared and per-sample time)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._storage import ChunkedStore
+from ._problem import _check_storage, _Problem, _probe_first, _with_replay
+from ._steppers import StepData, _check_velocity, _lincomb
+from ._times import _StepTable
+
+
+def _forward(prob: _Problem, y0, grid, t_out, *, store: bool, probe: bool):
+    """Run the grid forward without an adjoint graph.  Returns (solution, stored states or None)."""
+    sol, stored = _with_replay(prob, lambda replaying: _forward_once(prob, y0, grid, t_out, store, probe, replaying), store)
+    if store:
+        _check_storage(prob, stored, grid)
+    return sol, stored
+
+
+def _forward_once(prob: _Problem, y0, grid, t_out, store: bool, probe: bool, replaying: bool):
+    pol, tab, outputs = prob.policy, prob.tableau, prob.outputs
+    state_dtype = pol.state_dtype
+    n_steps = prob.n_steps
+    replay = prob.replay if store else None
+    # Without an adjoint graph but in grad mode, a field whose output requires grad uses a tensor
+    # rampde does not know about: it is reported, not silently differentiated by plain autograd.
+    watch = not store and torch.is_grad_enabled()
+    y = y0.detach().to(state_dtype)
+    sol = outputs.allocate(y, pol.output)
+    stored = torch.empty((n_steps, *y.shape), dtype=pol.storage, device=y.device) if store else None
+    grid, t_out = grid.detach(), t_out.detach()
+    table = _StepTable(prob, grid, y)
+    h_all = table.h_all
+    # First-same-as-last: the last stage of a step is f(t_{n+1}, y_{n+1}) bit for bit (same
+    # coefficients, same operation order), so it is the next step's first stage.  Not with
+    # `perturb`, which evaluates the two at different sides of t_{n+1}, and not for a field that is
+    # replayed: its next evaluation draws other random numbers than the last stage did.
+    fsal = tab.fsal and not prob.perturb
+    nfe = 0
+    k0 = None
+    with prob.autocast():
+        if probe:
+            # The first stage, with a graph: hidden tensors are looked for, and the value is reused.
+            k0 = _probe_first(prob, table[0][0][0], y)
+            nfe += 1
+            if replay is not None:
+                if not replaying:
+                    replay.detect()
+                replay.put(0, replay.start_token())
+        if replay is not None and replay.active:
+            fsal = False
+        for n in range(n_steps):
+            if store:
+                stored[n] = y
+            if n and replay is not None:
+                replay.capture(n)
+            if prob.callback_step is not None:
+                prob.callback_step(grid[n], y, h_all[n])
+            stage_t, h_n = table[n]
+            y_next, ks = prob.step(y, stage_t, h_n, k0)
+            nfe += tab.stages - (k0 is not None)
+            if watch and y_next.requires_grad:
+                refs, outside = prob.check.scan([y_next], (y,))
+                y_next, ks = y_next.detach(), [k.detach() for k in ks]
+                prob.check.raise_if_hidden(refs, outside, f" (at step {n}, t = {float(grid[n].min()):.6g})")
+            entry = outputs.steps.get(n)
+            if entry is not None:
+                sd = StepData(prob, grid[n], grid[n + 1], h_all[n], y, y_next, ks)
+                with prob.full_precision():
+                    values = outputs.evaluate(entry, sd, outputs.times(entry, t_out, False))
+                outputs.write(sol, entry, [v.detach() for v in values] if watch else values)
+            k0 = ks[-1] if fsal else None
+            y = y_next
+    rec = prob.record
+    rec.n_steps, rec.n_outputs, rec.forward_nfe = n_steps, t_out.numel(), nfe + prob.nfe_extra
+    rec.stored_bytes = 0 if stored is None else stored.numel() * stored.element_size()
+    return sol, stored
+
+
+class StepController:
+    """What the adaptive driver asks of a step-size controller (a host adapter implements it).
+
+    The driver owns the Runge--Kutta steps, the error estimate ``h * sum(b_err_i k_i)`` (state dtype),
+    storage and outputs; the controller owns every decision, in its own (fp32 or wider) arithmetic:
+
+    * ``start(f, t0, y0, f0)`` -- before the first step (``f`` evaluates under the policy; counted);
+    * ``propose(t0, y0) -> (t1, h)`` -- the next trial step (0-d tensors in the time dtype);
+    * ``judge(t0, t1, h, y0, y1, err) -> bool`` -- accept or reject it and choose the next step size;
+      after an accepted step ``at_jump`` says whether it ended on a discontinuity of ``f``;
+    * ``reuse_last_stage`` -- start the next step from the last stage even when it is not
+      ``f(t1, y1)`` (torchdiffeq does this for every pair); the driver then carries that value
+      through the adjoint so the gradient stays exact.
+    """
+
+    at_jump: bool = False
+    reuse_last_stage: bool = False
+
+    def start(self, f, t0, y0, f0):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def propose(self, t0, y0):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def judge(self, t0, t1, h, y0, y1, err) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _adaptive_forward(prob: _Problem, y0, t_out, controller: StepController, probe: bool):
+    """Adaptive steps until the last output is passed.  Rejected steps cost no memory.
+
+    Returns (solution, stored states (list), accepted grid values).
+    """
+    if prob.tableau.b_err is None:
+        raise ValueError(f"method {prob.tableau.name!r} has no embedded error estimate; it cannot adapt its step size")
+    # the adaptive drivers probe exactly when a backward may follow
+    return _with_replay(prob, lambda replaying: _adaptive_forward_once(prob, y0, t_out, controller, probe, replaying), probe)
+
+
+def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController, probe: bool, replaying: bool):
+    pol, tab, outputs = prob.policy, prob.tableau, prob.outputs
+    state_dtype, storage = pol.state_dtype, pol.storage
+    replay = prob.replay if probe else None
+    prob.carried_k0.clear()
+    prob.first_next_steps.clear()
+    outputs.steps.clear()
+    y = y0.detach().to(state_dtype)
+    t_out = t_out.detach()
+    sol = outputs.allocate(y, pol.output)
+    t = t_out[0]
+    t_host = t_out.tolist()
+    n_out = len(t_host)
+    stored, grid = ChunkedStore(), ChunkedStore()  # states and accepted end times, 8 bytes a step
+    nfe = 0
+    watch = prob.watch
+
+    def f_counted(tt, yy):
+        nonlocal nfe
+        nfe += 1
+        return _check_velocity(prob.f(tt, yy), yy, tt).to(state_dtype)
+
+    with prob.autocast():
+        k0_token = None
+        if probe:
+            k0 = _probe_first(prob, t, y)
+            nfe += 1
+            if not replaying:
+                replay.detect()
+            k0_token = replay.start_token()
+        else:
+            k0 = f_counted(t, y)
+        active = replay is not None and replay.active
+        controller.start(f_counted, t, y, k0)
+        carried = False  # is k0 the previous step's last stage rather than f(t, y)?
+        first_next = False
+        out_j, n, rejected = 1, 0, 0
+        while out_j < n_out:
+            t1, h = controller.propose(t, y)
+            h_float = float(h)
+            stage_token = replay.snapshot() if active else None
+            ks_times = prob.stage_times(t, t1, h, True if first_next else None)
+            y1, ks = prob.step(y, ks_times, h_float, k0)
+            nfe += tab.stages - 1
+            if watch and y1.requires_grad:
+                refs, outside = prob.check.scan([y1], (y,))
+                y1, ks = y1.detach(), [k.detach() for k in ks]
+                prob.check.raise_if_hidden(refs, outside, f" (at t = {float(t):.6g})")
+            err = _lincomb(ks, tab.b_err)
+            err = torch.zeros_like(y) if err is None else err * h_float
+            if not controller.judge(t, t1, h, y, y1, err):
+                rejected += 1
+                continue
+            if probe:  # without a backward to come nothing is kept
+                stored.append(y.to(storage))
+                if carried:
+                    prob.carried_k0[n] = k0.to(storage)
+                elif active:
+                    replay.put((n, "k0"), k0_token)
+                if active:
+                    replay.put(n, stage_token)
+            if first_next:
+                prob.first_next_steps.add(n)
+            t1_host = float(t1)
+            grid.append(t1)
+            entry = []
+            while out_j < n_out and t_host[out_j] <= t1_host:
+                entry.append((out_j, False))
+                out_j += 1
+            if entry:
+                outputs.steps[n] = entry
+                sd = StepData(prob, t, t1, h, y, y1, ks)
+                with prob.full_precision():
+                    outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, t_out, False)))
+            n += 1
+            y, t = y1, t1
+            first_next = bool(controller.at_jump)
+            k0_token = None
+            if first_next:
+                # Past a discontinuity of f: its value on the new side, as torchdiffeq does.
+                with torch.no_grad():
+                    t_next = torch.nextafter(t1, torch.full_like(t1, math.inf))
+                k0_token = replay.snapshot() if active else None
+                k0, carried = f_counted(t_next, y1), False
+            elif tab.fsal:
+                # f(t1, y1) up to the c == 1 time nudge.  A replayed field's next evaluation would
+                # draw other random numbers: then the value is carried, like a reused last stage.
+                k0, carried = ks[-1], active
+            elif controller.reuse_last_stage:
+                k0, carried = ks[-1], True
+            else:
+                k0_token = replay.snapshot() if active else None
+                k0, carried = f_counted(t1, y1), False
+    rec = prob.record
+    rec.n_steps, rec.n_outputs, rec.forward_nfe = n, t_out.numel(), nfe + prob.nfe_extra
+    rec.rejected_steps = rejected
+    rec.stored_bytes = stored.nbytes() + prob.carried_k0.nbytes()
+    ends = grid.stack() if grid else t_out[:0]
+    dtype = torch.promote_types(t_out.dtype, ends.dtype)
+    return sol, stored, torch.cat([t_out[:1].to(dtype), ends.to(dtype)])
+
+
+class BatchedStepController:
+    """Per-sample step-size control for :func:`solve_batched_adaptive` (torchode's layout).
+
+    * ``start(f, t0, y0, dt0) -> (dt, f0 or None)`` -- initial step sizes ``(B,)``;
+    * ``judge(t0, dt, y0, y1, err) -> (accept, dt_next, status)`` -- per sample; ``status`` is a
+      ``(B,)`` long tensor of torchode status codes or ``None``;
+    * ``merge(running)`` -- keep the controller state of samples that are still running.
+    """
+
+    def start(self, f, t0, y0, dt0):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def judge(self, t0, dt, y0, y1, err):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def merge(self, running):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, max_steps, probe, replaying):
+    """One run of the per-sample adaptive forward; returns (sol, stored, grid rows, anchors, info)."""
+    policy, tableau, record = prob.policy, prob.tableau, prob.record
+    state_dtype, storage = policy.state_dtype, policy.storage
+    time_dtype = t_start.dtype
+    replay = prob.replay if probe else None
+    outputs.steps.clear()
+    nfe = 0
+
+    def f_counted(tt, yy):
+        nonlocal nfe
+        nfe += 1
+        return _check_velocity(prob.f(tt, yy), yy, tt).to(state_dtype)
+
+    with prob.autocast():
+        y = y0.detach().to(state_dtype)
+        t = t_start.detach().clone()
+        ts, te = t_start.detach(), t_end.detach()
+        direction = torch.where(te > ts, 1, -1).to(time_dtype)
+        t_min, t_max = torch.minimum(ts, te), torch.maximum(ts, te)
+        outputs.start_incremental(ts)
+        sol = outputs.allocate(y, policy.output)
+        k_first = None
+        if probe:
+            k_first = _probe_first(prob, t, y)  # reused as the first stage below
+            nfe += 1
+            if not replaying:
+                replay.detect()
+        # A replayed field evaluates every iteration's first stage afresh, after that iteration's
+        # generator state was kept: a reused stage would carry random numbers of another iteration.
+        active = replay is not None and replay.active
+        dt, k0 = controller.start(f_counted, t, y, dt0)
+        if k0 is None:
+            k0 = k_first if k_first is not None else f_counted(t, y)
+        clamped = torch.clamp(dt, t_min - t, t_max - t)
+        # A step clamped to the end of its span lands on t_end: that point (and every later one of
+        # the sample) moves with t_end, the others with t_start (step sizes are constants).
+        will_anchor, anchored = clamped != dt, torch.zeros_like(t, dtype=torch.bool)
+        dt = clamped
+        running = (t - te) * direction < 0
+        n_steps = torch.zeros_like(t, dtype=torch.long)
+        n_accepted = torch.zeros_like(t, dtype=torch.long)
+        status = torch.zeros_like(t, dtype=torch.long)
+        stored, grid, anchors = ChunkedStore(), ChunkedStore(), ChunkedStore()
+        grid.append(t)
+        anchors.append(anchored)
+        n = 0
+        while bool(running.any()):
+            if max_steps is not None and int(n_steps.max()) >= max_steps:
+                status = torch.where(running, 3, status)  # torchode's REACHED_MAX_STEPS
+                break
+            if active:
+                replay.capture(n)
+                k0 = f_counted(t, y)
+            h_state = prob.h_for_state(dt, y)
+            y1, ks = prob.step(y, prob.stage_times(t, t + dt, dt), h_state, k0)
+            nfe += tableau.stages - 1
+            if prob.watch and y1.requires_grad:
+                refs, outside = prob.check.scan([y1], (y,))
+                y1, ks = y1.detach(), [k.detach() for k in ks]
+                prob.check.raise_if_hidden(refs, outside, f" (at iteration {n})")
+            err = _lincomb(ks, tableau.b_err)
+            err = torch.zeros_like(y) if err is None else err * h_state
+            accept, dt_next, st = controller.judge(t, dt, y, y1, err)
+            to_update = accept & running
+            t_new = torch.where(to_update, t + dt, t)
+            if probe:  # without a backward to come no state is kept
+                stored.append(y.to(storage))
+            grid.append(t_new)
+            anchored = anchored | (will_anchor & to_update)
+            anchors.append(anchored)
+            entry = outputs.assign(n, t, t_new, direction)
+            if entry is not None:
+                # The trial step's data, as torchode interpolates (only accepted samples own outputs).
+                sd = StepData(prob, t, t + dt, dt, y, y1, ks)
+                with prob.full_precision():
+                    outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, outputs.t_eval.detach(), False)))
+            mask = to_update.reshape(-1, *([1] * (y.ndim - 1)))
+            y = torch.where(mask, y1, y)
+            if not active:  # (a replayed iteration evaluates its first stage itself, above)
+                k0 = torch.where(mask, ks[-1] if tableau.fsal else f_counted(t_new, y), k0)
+            t = t_new
+            n_steps += running
+            n_accepted += to_update
+            if st is not None:
+                status = torch.maximum(status, torch.where(running, st, 0))
+            running = (t - te) * direction < 0
+            dt = torch.where(running, dt_next, dt)
+            clamped = torch.clamp(dt, t_min - t, t_max - t)
+            will_anchor = clamped != dt
+            dt = clamped
+            controller.merge(running)
+            n += 1
+            if bool((status != 0).any()):
+                break
+    record.n_steps, record.n_outputs, record.forward_nfe = n, outputs.t_eval.numel(), nfe + prob.nfe_extra
+    record.rejected_steps = int((n_steps - n_accepted).sum())
+    record.stored_bytes = stored.nbytes()
+    prob.n_steps = n
+    info = {"n_steps": n_steps, "n_accepted": n_accepted, "status": status}
+    return sol, stored, grid, anchors, info

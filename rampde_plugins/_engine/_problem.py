@@ -1,0 +1,219 @@
+"""The record one solve's forward and backward share, and the checks around the forward."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .._policy import PrecisionPolicy
+from .._probe import GraphCheck, sequence_mark
+from .._replay import StepReplay
+from .._scaler import AdjointScaler
+from .._storage import ChunkedStore
+from .._tableau import ButcherTableau
+from ._steppers import _axpy, _bad_velocity, _check_velocity
+
+
+@dataclass
+class _Problem:
+    """Everything the forward and the backward of one solve share."""
+
+    f: Callable
+    tableau: ButcherTableau
+    policy: PrecisionPolicy
+    params: tuple
+    outputs: object
+    perturb: bool
+    scaler: AdjointScaler | None
+    callback_step: Callable | None
+    callback_step_adjoint: Callable | None
+    device_type: str
+    record: object
+    n_steps: int
+    per_sample: bool
+    param_hint: str = "pass them explicitly as parameters"
+    nfe_extra: int = 0
+    nudge_end: bool = False
+    # steps whose first stage is nudged past a jump (adaptive torchdiffeq, jump_t)
+    first_next_steps: set = field(default_factory=set)
+    # steps whose first stage is the previous step's last stage, not f(t_n, y_n): their value is
+    # stored and its cotangent flows into the previous step (see _backward)
+    carried_k0: "_Carried" = field(default_factory=lambda: _Carried())
+    precomputed: tuple | None = None
+    # what recomputed steps must see again (random numbers, buffers); None without a backward
+    replay: StepReplay | None = None
+    # the hidden-tensor walk over every graph the engine builds
+    check: GraphCheck | None = None
+    callback_accept_step_adjoint: Callable | None = None
+    forward_runs: int = 0
+    watch: bool = False  # a forward without adjoint graph, in grad mode: field outputs must not need grad
+
+    def autocast(self):
+        cd = self.policy.compute_dtype
+        if cd is None:
+            return torch.autocast(self.device_type, enabled=False)
+        return torch.autocast(self.device_type, dtype=cd)
+
+    def full_precision(self):
+        """Outputs between steps are formed in the state dtype: a host's dense output (matmuls with
+        its interpolation weights) would otherwise run at the compute precision under autocast."""
+        return torch.autocast(self.device_type, enabled=False)
+
+    def stage_times(self, t0: torch.Tensor, t1: torch.Tensor, h: torch.Tensor, first_next=None) -> list[torch.Tensor]:
+        """Times of the stages of one step (or of all steps at once), differentiable in t0 and t1.
+
+        A stage with c == 1 gets t1 itself (not t0 + h, which can differ from t1 in the last bit).
+        Nudges, constants for differentiation, put evaluations on the correct side of a jump in the
+        vector field at a grid point, as torchdiffeq does: with ``perturb`` the first stage moves to
+        the next representable time and stages at c == 1 to the previous one; with ``nudge_end``
+        (torchdiffeq's adaptive steps) only the latter; ``first_next`` (bool or bool tensor over the
+        steps) nudges the first stage of the steps that start at a ``jump_t``.
+        """
+        times = []
+        for i, c in enumerate(self.tableau.c):
+            if c == 0.0:
+                ti = t0
+            elif c == 1.0:
+                ti = t1
+            else:
+                ti = t0 + c * h
+            if i == 0 and (self.perturb or first_next is not None):
+                with torch.no_grad():
+                    nudged = torch.nextafter(ti, torch.full_like(ti, math.inf))
+                    if not self.perturb:
+                        nudged = torch.where(torch.as_tensor(first_next, device=ti.device), nudged, ti)
+                ti = ti + (nudged - ti).detach()
+            elif c == 1.0 and (self.perturb or self.nudge_end):
+                with torch.no_grad():
+                    nudged = torch.nextafter(ti, torch.full_like(ti, -math.inf))
+                ti = ti + (nudged - ti).detach()
+            times.append(ti)
+        return times
+
+    def stage_time_table(self, grid: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Stage times of the steps of ``grid`` (steps ``offset ...`` of the solve), ``(n, stages[, B])``."""
+        t0, t1 = grid[:-1], grid[1:]
+        first_next = None
+        inside = [n - offset for n in self.first_next_steps if 0 <= n - offset < t0.shape[0]]
+        if inside:
+            first_next = torch.zeros(t0.shape[0], dtype=torch.bool)
+            first_next[sorted(inside)] = True
+        return torch.stack(self.stage_times(t0, t1, t1 - t0, first_next), dim=1)
+
+    def h_for_state(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The step size in the state dtype, shaped to broadcast against the state."""
+        h = h.to(self.policy.state_dtype)
+        return h.reshape(*h.shape, *([1] * (y.ndim - 1))) if self.per_sample else h
+
+    def step(self, y: torch.Tensor, times, h, k0: torch.Tensor | None = None):
+        """One RK step from ``y`` (state dtype): returns (y_next, stage values).
+
+        ``h`` is a Python float when no time gradient is needed and time is shared (then
+        ``y + h*sum(a_ij k_j)`` is a chain of fused ``add(alpha=...)`` kernels) or a tensor in the
+        state dtype that broadcasts against ``y``.
+        """
+        f, tab, state_dtype = self.f, self.tableau, self.policy.state_dtype
+        ks: list[torch.Tensor] = []
+        for i in range(tab.stages):
+            if i == 0 and k0 is not None:
+                ks.append(k0)
+                continue
+            yi = _axpy(y, h, ks, tab.a[i]) if i else y
+            k = f(times[i], yi)
+            if type(k) is not torch.Tensor or k.shape != y.shape or not k.dtype.is_floating_point:
+                _bad_velocity(k, y, times[i])
+            if k.dtype != state_dtype:
+                # Velocities may come back in fp16/bf16; every combination is formed in the state
+                # dtype (a 0-d h would not promote a half-precision k).
+                k = k.to(state_dtype)
+            ks.append(k)
+        return _axpy(y, h, ks, tab.b), ks
+
+
+class _Carried:
+    """First stages carried from one accepted step into the next (adaptive steps), chunk-stored."""
+
+    __slots__ = ("_store", "_index")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        import array
+
+        self._store, self._index = ChunkedStore(), array.array("q")
+
+    def __setitem__(self, n: int, value: torch.Tensor) -> None:
+        while len(self._index) <= n:
+            self._index.append(-1)
+        self._index[n] = len(self._store)
+        self._store.append(value)
+
+    def get(self, n: int):
+        i = self._index[n] if n < len(self._index) else -1
+        return None if i < 0 else self._store[i]
+
+    def __bool__(self) -> bool:
+        return bool(self._store)
+
+    def nbytes(self) -> int:
+        return self._store.nbytes()
+
+
+def _probe_first(prob: _Problem, t_first, y):
+    """The field's first evaluation, with a graph, checked for hidden tensors; reused as a stage."""
+    mark = sequence_mark()
+    with torch.enable_grad():
+        k0 = _check_velocity(prob.f(t_first, y), y, t_first)
+        refs, outside = prob.check.scan([k0], (y, t_first), mark)
+    k0 = k0.detach().to(prob.policy.state_dtype)  # drops the probe's graph before the liveness check
+    prob.check.raise_if_hidden(refs, outside)
+    return k0
+
+
+def _with_replay(prob: _Problem, run, store: bool):
+    """Run a forward (``run(replaying)``); again, replayed, if the field turned out to draw random
+    numbers or write buffers only after its first evaluation (see :mod:`._replay`)."""
+    replay = prob.replay if store else None
+    if replay is not None:
+        replay.begin()
+    prob.forward_runs = 1
+    out = run(False)
+    if replay is not None and not replay.active and replay.changed_since_begin():
+        replay.restart()
+        prob.forward_runs = 2
+        prob.nfe_extra = 0
+        out = run(True)
+    rec = prob.record
+    rec.replayed = bool(replay is not None and replay.active)
+    rec.forward_runs = prob.forward_runs
+    if replay is not None:
+        rec.stored_bytes += replay.stored_bytes()  # run() set the states' bytes
+    return out
+
+
+def _check_storage(prob: _Problem, stored, grid) -> None:
+    """A stored state beyond the storage dtype's range (fp16: 65504) would turn every gradient into
+    NaN far from its cause: raise at the step where it happened.  NaN from the forward itself is
+    not this error: it propagates as with every other policy."""
+    storage, state = prob.policy.storage, prob.policy.state_dtype
+    if storage == state or torch.finfo(storage).max >= torch.finfo(state).max:
+        return
+    if isinstance(stored, torch.Tensor):
+        bad = torch.isinf(stored.reshape(stored.shape[0], -1)).any(dim=1)
+    elif stored:
+        bad = torch.cat([torch.isinf(c.reshape(c.shape[0], -1)).any(dim=1) for c in stored.chunks()])
+    else:
+        return
+    if bool(bad.any()):  # one synchronisation per solve, only for narrow storage dtypes
+        n = int(torch.nonzero(bad)[0])
+        t = grid[n] if grid.ndim == 1 else grid[n].min()
+        raise FloatingPointError(
+            f"precision policy {prob.policy.name!r} stores one state per step in {str(storage).replace('torch.', '')} "
+            f"(largest value {torch.finfo(storage).max:g}), and the state at step {n} of {len(stored)} "
+            f"(t = {float(t):.6g}) exceeds it, so the backward could only return inf/NaN. Use a policy with a wider "
+            "storage dtype (precision='bf16' has fp32's range; or 'fp32'), or rescale the state."
+        )

@@ -1,0 +1,89 @@
+"""One explicit Runge--Kutta step, its linear-combination kernels and the per-evaluation checks.
+
+The *stepper* of the engine: ``step(y, times, h, k0) -> (y_next, stages)``.  Its VJP is autograd's
+over the rebuilt step (the adjoint sweep takes one ``autograd.grad`` per tape), so an explicit
+stepper needs nothing else; an implicit one will bring its own transposed solves.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def _lincomb(ks: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor | None:
+    """sum_j coeffs[j] * ks[j], skipping zero weights (None if all are zero).
+
+    Never writes into a stage value; accumulates in place only into its own fresh tensor and only
+    without a graph.
+    """
+    acc, fresh = None, False
+    for k, w in zip(ks, coeffs):
+        if w == 0.0:
+            continue
+        if acc is None:
+            acc, fresh = (k, False) if w == 1.0 else (k * w, True)
+        elif fresh and not torch.is_grad_enabled():
+            acc.add_(k, alpha=w)
+        else:
+            acc, fresh = torch.add(acc, k, alpha=w), True
+    return acc
+
+
+def _axpy(y: torch.Tensor, h, ks: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
+    """y + h * sum_j coeffs[j] * ks[j], formed in y's dtype."""
+    if isinstance(h, float):
+        out, fresh = y, False
+        for k, w in zip(ks, coeffs):
+            if w == 0.0:
+                continue
+            if fresh and not torch.is_grad_enabled():
+                out.add_(k, alpha=h * w)
+            else:
+                out, fresh = torch.add(out, k, alpha=h * w), True
+        return out
+    comb = _lincomb(ks, coeffs)
+    return y if comb is None else torch.addcmul(y, h, comb)
+
+
+class StepData:
+    """One step as the output plans see it: times, states, stage values and a lazy end slope."""
+
+    __slots__ = ("t0", "t1", "h", "y0", "y1", "ks", "_prob", "_f1")
+
+    def __init__(self, prob, t0, t1, h, y0, y1, ks):
+        self.t0, self.t1, self.h, self.y0, self.y1, self.ks = t0, t1, h, y0, y1, ks
+        self._prob, self._f1 = prob, None
+
+    def f_end(self) -> torch.Tensor:
+        """f(t1, y1) in the state dtype, evaluated once (cubic Hermite output needs it)."""
+        if self._f1 is None:
+            prob = self._prob
+            with prob.autocast():
+                self._f1 = prob.f(self.t1, self.y1).to(prob.policy.state_dtype)
+            prob.nfe_extra += 1
+        return self._f1
+
+
+def _bad_velocity(k, y, t) -> None:
+    """The field's result must be a real floating tensor of the state's shape, at every evaluation.
+
+    A broadcastable shape (a (1,) result for a (3,) state) would otherwise be summed into the state
+    without a word; an integer or complex result would be cast."""
+    if not isinstance(k, torch.Tensor):
+        raise TypeError(f"the vector field must return a tensor, got {type(k).__name__} (at t = {float(t.min()):.6g})")
+    if not k.dtype.is_floating_point:
+        raise TypeError(f"the vector field must return a real floating-point tensor, got {k.dtype} (at t = {float(t.min()):.6g})")
+    if k.shape != y.shape:
+        raise ValueError(
+            f"the vector field returned shape {tuple(k.shape)} for a state of shape {tuple(y.shape)} "
+            f"(at t = {float(t.min()):.6g}); it must return the state's shape"
+        )
+
+
+def _check_velocity(k, y, t):
+    """``k`` if it is a real floating tensor of ``y``'s shape, else the error (see :func:`_bad_velocity`)."""
+    if type(k) is not torch.Tensor or k.shape != y.shape or not k.dtype.is_floating_point:
+        _bad_velocity(k, y, t)
+    return k
