@@ -42,6 +42,14 @@ class SolveStats:
     replayed: bool = False
     #: 2 when the field began to draw/write only after its first evaluation (the forward was rerun)
     forward_runs: int = 0
+    #: the checkpoint schedule that ran: "steps", "graphs", "segments" or "binomial"
+    schedule: str = "steps"
+    #: states the schedule kept for the backward (peak; binomial: at most its c)
+    checkpoints: int = 0
+    #: steps whose graph was built (in the forward for "graphs" and revolve's last step, else in the backward)
+    taped_steps: int = 0
+    #: steps run again without a graph in the backward to reach a taped step (binomial schedules)
+    recomputed_steps: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)

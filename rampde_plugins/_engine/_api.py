@@ -16,6 +16,7 @@ from ._adjoint import _HIGHER_ORDER, _apply
 from ._drivers import BatchedStepController, StepController, _adaptive_forward, _batched_adaptive_once, _forward
 from ._outputs import INTERPOLATIONS, BatchedOutputs, _SharedTimeOutputs
 from ._problem import _check_storage, _Problem, _with_replay
+from ._schedules import checkpoint_schedule
 from ._times import _check_time_dtype
 
 
@@ -36,6 +37,7 @@ def solve_grid(
     callback_step_adjoint: Callable | None = None,
     method: str | None = None,
     param_hint: str = "pass them in params",
+    checkpoint=None,
 ) -> torch.Tensor:
     """Solve ``dy/dt = f(t, y)`` on one shared time ``grid`` and return the solution at ``t_out``.
 
@@ -68,6 +70,7 @@ def solve_grid(
         Tensor of shape ``(len(t_out), *y0.shape)`` in the policy's output dtype.
     """
     params = _common_checks(y0, params, policy)
+    schedule = _schedule(checkpoint, adaptive=False)
     if interp not in INTERPOLATIONS:
         raise ValueError(f"interp={interp!r} is not supported; choose one of {', '.join(INTERPOLATIONS)}")
     for name, t in (("time grid", grid), ("output times", t_out)):
@@ -102,6 +105,7 @@ def solve_grid(
         callback_step_adjoint=callback_step_adjoint, device_type=y0.device.type,
         record=_new_record(method or f"rampde_{tableau.name}", policy.name),
         n_steps=grid_cpu.shape[0] - 1, per_sample=False, param_hint=param_hint,
+        schedule=schedule, y_shape=tuple(y0.shape),
     )
     return _run(prob, y0, grid_t, t_out_t, params, buffers)
 
@@ -119,6 +123,7 @@ def solve_batched(
     scaler: AdjointScaler | None = None,
     method: str | None = None,
     param_hint: str = "pass them in params",
+    checkpoint=None,
 ) -> torch.Tensor:
     """Solve a batch of problems with one time grid per sample (torchode's layout).
 
@@ -135,6 +140,7 @@ def solve_batched(
         ``(B, M, ...)`` solution at the output times, in the policy's output dtype.
     """
     params = _common_checks(y0, params, policy)
+    schedule = _schedule(checkpoint, adaptive=False)
     _check_time_dtype("time grid", grid)
     t_eval = outputs.t_eval
     if grid.ndim != 2 or grid.shape[1] != y0.shape[0] or grid.shape[0] < 2:
@@ -148,6 +154,7 @@ def solve_batched(
         callback_step=None, callback_step_adjoint=None, device_type=y0.device.type,
         record=_new_record(method or f"rampde_{tableau.name}", policy.name),
         n_steps=grid_cpu.shape[0] - 1, per_sample=True, param_hint=param_hint,
+        schedule=schedule, y_shape=tuple(y0.shape),
     )
     return _run(prob, y0, grid, t_eval, params, buffers)
 
@@ -168,6 +175,7 @@ def solve_adaptive(
     callback_accept_step_adjoint: Callable | None = None,
     method: str | None = None,
     param_hint: str = "pass them in params",
+    checkpoint=None,
 ) -> torch.Tensor:
     """Adaptive-step solve with one shared time, outputs at ``t_out`` (torchdiffeq's layout).
 
@@ -187,6 +195,7 @@ def solve_adaptive(
         ``(len(t_out), *y0.shape)`` in the policy's output dtype.
     """
     params = _common_checks(y0, params, policy)
+    schedule = _schedule(checkpoint, adaptive=True)
     if not isinstance(t_out, torch.Tensor) or t_out.ndim != 1 or t_out.shape[0] < 1:
         raise ValueError("output times must be a non-empty 1-D tensor")
     _check_time_dtype("output times", t_out)
@@ -200,6 +209,7 @@ def solve_adaptive(
         perturb=False, scaler=scaler, callback_step=None, callback_step_adjoint=callback_step_adjoint,
         device_type=y0.device.type, record=_new_record(method or f"rampde_{tableau.name}", policy.name),
         n_steps=0, per_sample=False, param_hint=param_hint, nudge_end=True,
+        schedule=schedule, y_shape=tuple(y0.shape),
         callback_accept_step_adjoint=callback_accept_step_adjoint,
     )
     diff_params = _attach(prob, params, buffers, param_hint, y0.device)
@@ -208,16 +218,16 @@ def solve_adaptive(
     # Without an adjoint graph the forward keeps the caller's grad mode, so that a field output
     # that requires grad anyway (a hidden tensor) is seen and reported.
     prob.watch = grad_mode and not needs_graph
+    prob.need_grid = prob.need_tout = bool(t_out_t.requires_grad)
     with torch.set_grad_enabled(prob.watch):
-        sol, stored, grid_values = _adaptive_forward(prob, y0, t_out_t, controller, probe=needs_graph)
+        sol, keeper, grid_values = _adaptive_forward(prob, y0, t_out_t, controller, probe=needs_graph)
     prob.n_steps = prob.record.n_steps
-    if needs_graph:
-        _check_storage(prob, stored, grid_values)
-    if not needs_graph or not stored:
+    if not needs_graph:
         return sol
+    _check_storage(prob, keeper, grid_values)
     # Step sizes are constants: every accepted time moves with the start time.
     grid = grid_values + (t_out_t[0] - t_out_t[0].detach())
-    prob.precomputed = (sol, stored)
+    prob.precomputed = (sol, keeper)
     return _apply(prob, y0, grid, t_out_t, diff_params)
 
 
@@ -238,6 +248,7 @@ def solve_batched_adaptive(
     scaler: AdjointScaler | None = None,
     method: str | None = None,
     param_hint: str = "pass them in params",
+    checkpoint=None,
 ):
     """Adaptive steps with one step size per sample, all samples stepping together.
 
@@ -255,6 +266,7 @@ def solve_batched_adaptive(
         ``n_steps``, ``n_accepted``, ``status`` (long tensors) and the grid.
     """
     params = _common_checks(y0, params, policy)
+    schedule = _schedule(checkpoint, adaptive=True)
     if tableau.b_err is None:
         raise ValueError(f"method {tableau.name!r} has no embedded error estimate; it cannot adapt its step size")
     _check_time_dtype("start times", t_start)
@@ -264,6 +276,7 @@ def solve_batched_adaptive(
         f=f, tableau=tableau, policy=policy, params=params, outputs=outputs, perturb=False, scaler=scaler,
         callback_step=None, callback_step_adjoint=None, device_type=y0.device.type, record=record,
         n_steps=0, per_sample=True, param_hint=param_hint,
+        schedule=schedule, y_shape=tuple(y0.shape),
     )
     diff_params = _attach(prob, params, buffers, param_hint, y0.device)
     grad_mode = torch.is_grad_enabled()
@@ -276,18 +289,32 @@ def solve_batched_adaptive(
                                       needs_graph, replaying)
 
     with torch.set_grad_enabled(prob.watch):
-        sol, stored, grid, anchors, info = _with_replay(prob, run, needs_graph)
+        sol, keeper, grid, anchors, info = _with_replay(prob, run, needs_graph and prob.schedule.replays_steps(None))
+    if not needs_graph:
+        return sol, info
     grid_values = grid.stack()
     info["grid"] = grid_values
-    if not needs_graph or not stored:
-        return sol, info
-    _check_storage(prob, stored, grid_values)
+    if prob.n_steps == 0:  # every sample's span is empty: the solution is y0 itself
+        return outputs.allocate(y0.to(policy.state_dtype), policy.output), info
+    _check_storage(prob, keeper, grid_values)
     # Accepted step sizes are constants: each sample's times move with its start time, or with its
     # end time from the step clamped onto it (torchode's arithmetic).
     anchor = anchors.stack().to(time_dtype)
     grid = grid_values + (1 - anchor) * (t_start - t_start.detach()) + anchor * (t_end - t_end.detach())
-    prob.precomputed = (sol, stored)
+    prob.precomputed = (sol, keeper)
     return _apply(prob, y0, grid, outputs.t_eval, diff_params), info
+
+
+def _schedule(checkpoint, *, adaptive: bool):
+    """The checkpoint schedule of a solve (validated before anything runs)."""
+    schedule = checkpoint_schedule(checkpoint)
+    if adaptive and not schedule.adaptive_ok:
+        raise ValueError(
+            f"checkpoint={checkpoint!r} is not available with adaptive steps yet (their graphs would have to be "
+            "kept for every trial step); use checkpoint='steps', an integer (binomial) or SegmentsSchedule(k), "
+            "or a fixed grid for 'graphs'"
+        )
+    return schedule
 
 
 def _attach(prob: _Problem, params, buffers, hint: str, device: torch.device) -> tuple:
@@ -310,8 +337,9 @@ def _run(prob: _Problem, y0, grid, t_out, params, buffers):
     if not needs_graph:
         # In grad mode every step's result is checked instead: a field over a tensor that requires
         # grad (a closure) would otherwise be differentiated by plain autograd without a word.
-        sol, _ = _forward(prob, y0, grid, t_out, store=False, probe=False)
+        sol, _ = _forward(prob, y0, grid, t_out, keep=False)
         return sol
+    prob.need_grid, prob.need_tout = bool(grid.requires_grad), bool(t_out.requires_grad)
     return _apply(prob, y0, grid, t_out, diff_params)
 
 

@@ -9,37 +9,44 @@ import torch
 from .._storage import ChunkedStore
 from ._problem import _check_storage, _Problem, _probe_first, _with_replay
 from ._steppers import StepData, _check_velocity, _lincomb
-from ._times import _StepTable
+from ._tape import Frame, build_tape, check_tape
 
 
-def _forward(prob: _Problem, y0, grid, t_out, *, store: bool, probe: bool):
-    """Run the grid forward without an adjoint graph.  Returns (solution, stored states or None)."""
-    sol, stored = _with_replay(prob, lambda replaying: _forward_once(prob, y0, grid, t_out, store, probe, replaying), store)
-    if store:
-        _check_storage(prob, stored, grid)
-    return sol, stored
+def _forward(prob: _Problem, y0, grid, t_out, *, keep: bool):
+    """Run the grid forward without an adjoint graph (but for the tapes its schedule builds now).
+
+    Returns (solution, the schedule's keeper or None)."""
+    schedule_replays = keep and prob.schedule.replays_steps(prob.n_steps)
+    sol = _with_replay(prob, lambda replaying: _forward_once(prob, y0, grid, t_out, keep, replaying), schedule_replays)
+    keeper = prob.keeper if keep else None
+    if keep:
+        _check_storage(prob, keeper, grid)
+        keeper.end_forward(prob.n_steps)
+    return sol, keeper
 
 
-def _forward_once(prob: _Problem, y0, grid, t_out, store: bool, probe: bool, replaying: bool):
+def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
     pol, tab, outputs = prob.policy, prob.tableau, prob.outputs
     state_dtype = pol.state_dtype
     n_steps = prob.n_steps
-    replay = prob.replay if store else None
+    y = y0.detach().to(state_dtype)
+    keeper = prob.keeper = prob.schedule.keeper(n_steps, pol.storage) if keep else None
+    replay = prob.replay if keep and keeper.needs_replay else None
+    # The first stage is probed (with a graph) unless the first step's whole graph is built now.
+    probe = keep and not keeper.tape_now(0)
     # Without an adjoint graph but in grad mode, a field whose output requires grad uses a tensor
     # rampde does not know about: it is reported, not silently differentiated by plain autograd.
-    watch = not store and torch.is_grad_enabled()
-    y = y0.detach().to(state_dtype)
+    watch = not keep and torch.is_grad_enabled()
     sol = outputs.allocate(y, pol.output)
-    stored = torch.empty((n_steps, *y.shape), dtype=pol.storage, device=y.device) if store else None
-    grid, t_out = grid.detach(), t_out.detach()
-    table = _StepTable(prob, grid, y)
+    frame = Frame(prob, grid, t_out, y, prob.need_grid, prob.need_tout)
+    grid, t_out, table = frame.grid, frame.t_out, frame.table
     h_all = table.h_all
     # First-same-as-last: the last stage of a step is f(t_{n+1}, y_{n+1}) bit for bit (same
     # coefficients, same operation order), so it is the next step's first stage.  Not with
     # `perturb`, which evaluates the two at different sides of t_{n+1}, and not for a field that is
     # replayed: its next evaluation draws other random numbers than the last stage did.
     fsal = tab.fsal and not prob.perturb
-    nfe = 0
+    nfe = taped = 0
     k0 = None
     with prob.autocast():
         if probe:
@@ -53,12 +60,26 @@ def _forward_once(prob: _Problem, y0, grid, t_out, store: bool, probe: bool, rep
         if replay is not None and replay.active:
             fsal = False
         for n in range(n_steps):
-            if store:
-                stored[n] = y
+            if keeper is not None:
+                keeper.keep(n, y, None)
             if n and replay is not None:
                 replay.capture(n)
             if prob.callback_step is not None:
                 prob.callback_step(grid[n], y, h_all[n])
+            if keeper is not None and keeper.tape_now(n):
+                # This step's graph is kept for the backward (the tape checks itself for hidden tensors).
+                tape = build_tape(prob, frame, n, n + 1, y, None, replay=False)
+                nfe += tape.nfe
+                taped += 1
+                check_tape(prob, tape, prob.params, frame, f" (at step {n} of {n_steps}, t = {float(grid[n].min()):.6g})")
+                for entry, values, _ in tape.outs:
+                    outputs.write(sol, entry, [v.detach() for v in values])
+                y_next, tape.ks = tape.y_end.detach(), None
+                keeper.put_tape(n, tape)
+                del tape
+                k0 = None
+                y = y_next
+                continue
             stage_t, h_n = table[n]
             y_next, ks = prob.step(y, stage_t, h_n, k0)
             nfe += tab.stages - (k0 is not None)
@@ -76,8 +97,10 @@ def _forward_once(prob: _Problem, y0, grid, t_out, store: bool, probe: bool, rep
             y = y_next
     rec = prob.record
     rec.n_steps, rec.n_outputs, rec.forward_nfe = n_steps, t_out.numel(), nfe + prob.nfe_extra
-    rec.stored_bytes = 0 if stored is None else stored.numel() * stored.element_size()
-    return sol, stored
+    rec.taped_steps = taped
+    rec.stored_bytes = 0 if keeper is None else keeper.nbytes()
+    rec.checkpoints = 0 if keeper is None else keeper.checkpoints
+    return sol
 
 
 class StepController:
@@ -111,18 +134,20 @@ class StepController:
 def _adaptive_forward(prob: _Problem, y0, t_out, controller: StepController, probe: bool):
     """Adaptive steps until the last output is passed.  Rejected steps cost no memory.
 
-    Returns (solution, stored states (list), accepted grid values).
+    Returns (solution, the schedule's keeper or None, accepted grid values or None).
     """
     if prob.tableau.b_err is None:
         raise ValueError(f"method {prob.tableau.name!r} has no embedded error estimate; it cannot adapt its step size")
     # the adaptive drivers probe exactly when a backward may follow
-    return _with_replay(prob, lambda replaying: _adaptive_forward_once(prob, y0, t_out, controller, probe, replaying), probe)
+    return _with_replay(prob, lambda replaying: _adaptive_forward_once(prob, y0, t_out, controller, probe, replaying),
+                        probe and prob.schedule.replays_steps(None))
 
 
 def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController, probe: bool, replaying: bool):
     pol, tab, outputs = prob.policy, prob.tableau, prob.outputs
-    state_dtype, storage = pol.state_dtype, pol.storage
-    replay = prob.replay if probe else None
+    state_dtype = pol.state_dtype
+    keeper = prob.keeper = prob.schedule.keeper(None, pol.storage) if probe else None
+    replay = prob.replay if probe and keeper.needs_replay else None
     prob.carried_k0.clear()
     prob.first_next_steps.clear()
     outputs.steps.clear()
@@ -132,7 +157,8 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
     t = t_out[0]
     t_host = t_out.tolist()
     n_out = len(t_host)
-    stored, grid = ChunkedStore(), ChunkedStore()  # states and accepted end times, 8 bytes a step
+    # accepted end times (8 bytes a step), only for a backward: the adjoint's grid
+    grid = ChunkedStore() if probe else None
     nfe = 0
     watch = prob.watch
 
@@ -146,9 +172,10 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
         if probe:
             k0 = _probe_first(prob, t, y)
             nfe += 1
-            if not replaying:
-                replay.detect()
-            k0_token = replay.start_token()
+            if replay is not None:
+                if not replaying:
+                    replay.detect()
+                k0_token = replay.start_token()
         else:
             k0 = f_counted(t, y)
         active = replay is not None and replay.active
@@ -173,17 +200,18 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
                 rejected += 1
                 continue
             if probe:  # without a backward to come nothing is kept
-                stored.append(y.to(storage))
                 if carried:
-                    prob.carried_k0[n] = k0.to(storage)
-                elif active:
+                    prob.carried_k0.mark(n)
+                keeper.keep(n, y, k0 if carried else None)
+                if not carried and active:
                     replay.put((n, "k0"), k0_token)
                 if active:
                     replay.put(n, stage_token)
             if first_next:
                 prob.first_next_steps.add(n)
             t1_host = float(t1)
-            grid.append(t1)
+            if grid is not None:
+                grid.append(t1)
             entry = []
             while out_j < n_out and t_host[out_j] <= t1_host:
                 entry.append((out_j, False))
@@ -215,10 +243,13 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
     rec = prob.record
     rec.n_steps, rec.n_outputs, rec.forward_nfe = n, t_out.numel(), nfe + prob.nfe_extra
     rec.rejected_steps = rejected
-    rec.stored_bytes = stored.nbytes() + prob.carried_k0.nbytes()
+    if keeper is None:
+        return sol, None, None
+    keeper.end_forward(n)
+    rec.stored_bytes, rec.checkpoints = keeper.nbytes(), keeper.checkpoints
     ends = grid.stack() if grid else t_out[:0]
     dtype = torch.promote_types(t_out.dtype, ends.dtype)
-    return sol, stored, torch.cat([t_out[:1].to(dtype), ends.to(dtype)])
+    return sol, keeper, torch.cat([t_out[:1].to(dtype), ends.to(dtype)])
 
 
 class BatchedStepController:
@@ -241,11 +272,13 @@ class BatchedStepController:
 
 
 def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, max_steps, probe, replaying):
-    """One run of the per-sample adaptive forward; returns (sol, stored, grid rows, anchors, info)."""
+    """One run of the per-sample adaptive forward; returns (sol, keeper, grid rows, anchors, info) --
+    keeper, grid rows and anchors only for a backward (None otherwise)."""
     policy, tableau, record = prob.policy, prob.tableau, prob.record
-    state_dtype, storage = policy.state_dtype, policy.storage
+    state_dtype = policy.state_dtype
     time_dtype = t_start.dtype
-    replay = prob.replay if probe else None
+    keeper = prob.keeper = prob.schedule.keeper(None, policy.storage) if probe else None
+    replay = prob.replay if probe and keeper.needs_replay else None
     outputs.steps.clear()
     nfe = 0
 
@@ -266,7 +299,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
         if probe:
             k_first = _probe_first(prob, t, y)  # reused as the first stage below
             nfe += 1
-            if not replaying:
+            if replay is not None and not replaying:
                 replay.detect()
         # A replayed field evaluates every iteration's first stage afresh, after that iteration's
         # generator state was kept: a reused stage would carry random numbers of another iteration.
@@ -283,9 +316,11 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
         n_steps = torch.zeros_like(t, dtype=torch.long)
         n_accepted = torch.zeros_like(t, dtype=torch.long)
         status = torch.zeros_like(t, dtype=torch.long)
-        stored, grid, anchors = ChunkedStore(), ChunkedStore(), ChunkedStore()
-        grid.append(t)
-        anchors.append(anchored)
+        # iteration times and anchors (for the adjoint's grid), only for a backward
+        grid, anchors = (ChunkedStore(), ChunkedStore()) if probe else (None, None)
+        if probe:
+            grid.append(t)
+            anchors.append(anchored)
         n = 0
         while bool(running.any()):
             if max_steps is not None and int(n_steps.max()) >= max_steps:
@@ -306,11 +341,11 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
             accept, dt_next, st = controller.judge(t, dt, y, y1, err)
             to_update = accept & running
             t_new = torch.where(to_update, t + dt, t)
-            if probe:  # without a backward to come no state is kept
-                stored.append(y.to(storage))
-            grid.append(t_new)
             anchored = anchored | (will_anchor & to_update)
-            anchors.append(anchored)
+            if probe:  # without a backward to come nothing is kept
+                keeper.keep(n, y, None)
+                grid.append(t_new)
+                anchors.append(anchored)
             entry = outputs.assign(n, t, t_new, direction)
             if entry is not None:
                 # The trial step's data, as torchode interpolates (only accepted samples own outputs).
@@ -337,7 +372,9 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                 break
     record.n_steps, record.n_outputs, record.forward_nfe = n, outputs.t_eval.numel(), nfe + prob.nfe_extra
     record.rejected_steps = int((n_steps - n_accepted).sum())
-    record.stored_bytes = stored.nbytes()
     prob.n_steps = n
     info = {"n_steps": n_steps, "n_accepted": n_accepted, "status": status}
-    return sol, stored, grid, anchors, info
+    if keeper is not None:
+        keeper.end_forward(n)
+        record.stored_bytes, record.checkpoints = keeper.nbytes(), keeper.checkpoints
+    return sol, keeper, grid, anchors, info

@@ -39,9 +39,9 @@ class _Problem:
     nudge_end: bool = False
     # steps whose first stage is nudged past a jump (adaptive torchdiffeq, jump_t)
     first_next_steps: set = field(default_factory=set)
-    # steps whose first stage is the previous step's last stage, not f(t_n, y_n): their value is
-    # stored and its cotangent flows into the previous step (see _backward)
-    carried_k0: "_Carried" = field(default_factory=lambda: _Carried())
+    # steps whose first stage is the previous step's last stage, not f(t_n, y_n): the schedule keeps
+    # its value with the step's state and its cotangent flows into the previous step (see _adjoint)
+    carried_k0: "_CarriedSteps" = field(default_factory=lambda: _CarriedSteps())
     precomputed: tuple | None = None
     # what recomputed steps must see again (random numbers, buffers); None without a backward
     replay: StepReplay | None = None
@@ -50,12 +50,32 @@ class _Problem:
     callback_accept_step_adjoint: Callable | None = None
     forward_runs: int = 0
     watch: bool = False  # a forward without adjoint graph, in grad mode: field outputs must not need grad
+    # the checkpoint schedule and what it keeps of this solve for the backward
+    schedule: object = None
+    keeper: object = None
+    y_shape: tuple = ()
+    # time gradients the backward will be asked for (tapes built in the forward need their leaves)
+    need_grid: bool = False
+    need_tout: bool = False
+
+    def __post_init__(self):
+        if self.schedule is not None:
+            self.record.schedule = self.schedule.name
 
     def autocast(self):
         cd = self.policy.compute_dtype
         if cd is None:
             return torch.autocast(self.device_type, enabled=False)
         return torch.autocast(self.device_type, dtype=cd)
+
+    def graph_autocast(self):
+        """Autocast for building a graph: without autocast's weight-cast cache, so that each use of
+        a weight has its own cast and its gradient reaches the fp32 weight before it is summed with
+        the other stages' and steps' (a cached cast would sum them in bf16/fp16 first)."""
+        cd = self.policy.compute_dtype
+        if cd is None:
+            return torch.autocast(self.device_type, enabled=False)
+        return torch.autocast(self.device_type, dtype=cd, cache_enabled=False)
 
     def full_precision(self):
         """Outputs between steps are formed in the state dtype: a host's dense output (matmuls with
@@ -134,14 +154,11 @@ class _Problem:
 
 
 class _Carried:
-    """First stages carried from one accepted step into the next (adaptive steps), chunk-stored."""
+    """Values of carried first stages by step (kept by a schedule with the states), chunk-stored."""
 
     __slots__ = ("_store", "_index")
 
     def __init__(self) -> None:
-        self.clear()
-
-    def clear(self) -> None:
         import array
 
         self._store, self._index = ChunkedStore(), array.array("q")
@@ -156,11 +173,31 @@ class _Carried:
         i = self._index[n] if n < len(self._index) else -1
         return None if i < 0 else self._store[i]
 
-    def __bool__(self) -> bool:
-        return bool(self._store)
-
     def nbytes(self) -> int:
         return self._store.nbytes()
+
+
+class _CarriedSteps:
+    """Which steps start from the previous step's last stage (adaptive steps; one byte a step)."""
+
+    __slots__ = ("_flags",)
+
+    def __init__(self) -> None:
+        self._flags = bytearray()
+
+    def clear(self) -> None:
+        self._flags = bytearray()
+
+    def mark(self, n: int) -> None:
+        if len(self._flags) <= n:
+            self._flags.extend(bytes(n + 1 - len(self._flags)))
+        self._flags[n] = 1
+
+    def carries(self, n: int) -> bool:
+        return n < len(self._flags) and self._flags[n] == 1
+
+    def __bool__(self) -> bool:
+        return any(self._flags)
 
 
 def _probe_first(prob: _Problem, t_first, y):
@@ -195,13 +232,14 @@ def _with_replay(prob: _Problem, run, store: bool):
     return out
 
 
-def _check_storage(prob: _Problem, stored, grid) -> None:
+def _check_storage(prob: _Problem, keeper, grid) -> None:
     """A stored state beyond the storage dtype's range (fp16: 65504) would turn every gradient into
     NaN far from its cause: raise at the step where it happened.  NaN from the forward itself is
     not this error: it propagates as with every other policy."""
     storage, state = prob.policy.storage, prob.policy.state_dtype
     if storage == state or torch.finfo(storage).max >= torch.finfo(state).max:
         return
+    stored = keeper.states()
     if isinstance(stored, torch.Tensor):
         bad = torch.isinf(stored.reshape(stored.shape[0], -1)).any(dim=1)
     elif stored:
@@ -209,11 +247,12 @@ def _check_storage(prob: _Problem, stored, grid) -> None:
     else:
         return
     if bool(bad.any()):  # one synchronisation per solve, only for narrow storage dtypes
-        n = int(torch.nonzero(bad)[0])
+        n = int(torch.nonzero(bad)[0]) * keeper.every
         t = grid[n] if grid.ndim == 1 else grid[n].min()
         raise FloatingPointError(
-            f"precision policy {prob.policy.name!r} stores one state per step in {str(storage).replace('torch.', '')} "
-            f"(largest value {torch.finfo(storage).max:g}), and the state at step {n} of {len(stored)} "
+            f"precision policy {prob.policy.name!r} stores "
+            f"{'one state per step' if keeper.every == 1 else f'every {keeper.every}th state'} in {str(storage).replace('torch.', '')} "
+            f"(largest value {torch.finfo(storage).max:g}), and the state at step {n} of {prob.n_steps} "
             f"(t = {float(t):.6g}) exceeds it, so the backward could only return inf/NaN. Use a policy with a wider "
             "storage dtype (precision='bf16' has fp32's range; or 'fp32'), or rescale the state."
         )

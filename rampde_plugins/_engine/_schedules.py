@@ -1,0 +1,372 @@
+"""Checkpoint schedules: what the forward keeps for the backward, and how the backward gets every
+step's graph (its *tape*) back.
+
+A schedule is chosen per solve (``options["checkpoint"]`` in torchdiffeq, ``checkpoint=`` in
+torchode) and makes one :class:`Keeper` for it.  The forward driver tells the keeper about each step
+(:meth:`Keeper.keep` with the state the step starts from; :meth:`Keeper.tape_now` asks whether to
+build this step's graph right away); the reverse sweep then calls :meth:`Keeper.reverse`, which
+hands the sweep one tape after another, last step first, building each from what was kept:
+
+=============  ============================================  ===========================================
+schedule       kept by the forward                           backward
+=============  ============================================  ===========================================
+``steps``      every state (storage dtype)                   rebuild each step from its state
+``graphs``     every step's low-precision autograd graph     reverse the kept graphs: no recomputation
+``Segments``   every k-th state (storage dtype)              rebuild k steps at a time: one VJP per k
+``Binomial``   c states (state dtype), revolve's positions   recompute from the nearest checkpoint,
+                                                             the minimal number of steps for c states
+=============  ============================================  ===========================================
+
+Binomial schedules come from ``checkpoint-schedules`` (``MultistageCheckpointSchedule``, the
+binomial schedule of Griewank and Walther's revolve in Stumm and Walther's formulation), driven
+here as its action stream.  Its checkpoints are kept in the *state* dtype, not the storage dtype:
+the steps recomputed from a rounded checkpoint would follow another trajectory than the forward
+did, and c states cost little.  With adaptive steps the number of steps is known only at the end
+of the forward: the forward then keeps only ``y0`` (and the accepted times, as every adaptive solve
+does), and the backward runs the whole binomial stream from ``y0`` -- one forward sweep more than a
+fixed grid needs (``SolveStats.recomputed_steps`` counts it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._storage import ChunkedStore
+from ._problem import _Carried
+
+__all__ = ["CheckpointSchedule", "StepsSchedule", "GraphsSchedule", "SegmentsSchedule", "BinomialSchedule",
+           "checkpoint_schedule", "CHECKPOINT_CHOICES"]
+
+CHECKPOINT_CHOICES = ("'steps' (default)", "'graphs'", "an integer c >= 1 (binomial, c stored states)",
+                      "a rampde_plugins schedule object (StepsSchedule, GraphsSchedule, SegmentsSchedule(k), BinomialSchedule(c))")
+
+
+class CheckpointSchedule:
+    """Base of the schedules: ``keeper(n_steps)`` makes the per-solve record (``n_steps`` is None for
+    adaptive steps, whose number is known only after the forward)."""
+
+    name = "schedule"
+    #: works with adaptive steps (whose number is known only after the forward)
+    adaptive_ok = True
+
+    def replays_steps(self, n_steps: int | None) -> bool:
+        """Does the backward recompute forward steps (so random numbers and buffer writes must be
+        replayed)?"""
+        return True
+
+    def keeper(self, n_steps: int | None, storage: torch.dtype) -> "Keeper":  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class StepsSchedule(CheckpointSchedule):
+    """One stored state per step (in the policy's storage dtype); each step is recomputed once, with a
+    graph, in the backward.  Memory: N states + one step's graph."""
+
+    name = "steps"
+
+    def keeper(self, n_steps, storage):
+        return _StatesKeeper(self, n_steps, storage, every=1)
+
+
+class SegmentsSchedule(CheckpointSchedule):
+    """Every ``k``-th state stored; the backward rebuilds ``k`` steps at a time and takes one VJP for
+    the segment (fewer, larger autograd calls: the lever for small fields).  Memory: N/k states + k
+    steps' graphs."""
+
+    name = "segments"
+
+    def __init__(self, k: int):
+        self.k = _positive_int("SegmentsSchedule(k)", "k", k)
+
+    def keeper(self, n_steps, storage):
+        return _StatesKeeper(self, n_steps, storage, every=self.k)
+
+    def __repr__(self) -> str:
+        return f"SegmentsSchedule({self.k})"
+
+
+class GraphsSchedule(CheckpointSchedule):
+    """Every step's low-precision graph kept from the forward: no recomputation (the cost of direct
+    backprop).  The VJP is still taken one step at a time, so the adjoint and the parameter gradients
+    are summed over steps in fp32 (autocast's weight-cast cache is off while a graph is built, so no
+    bf16/fp16 sum spans steps or stages).  Memory: N steps' graphs."""
+
+    name = "graphs"
+    adaptive_ok = False
+
+    def replays_steps(self, n_steps):
+        return False
+
+    def keeper(self, n_steps, storage):
+        return _GraphsKeeper(self)
+
+
+class BinomialSchedule(CheckpointSchedule):
+    """Binomial checkpointing (revolve) with ``c`` stored states, ``y0`` one of them: the provably
+    minimal number of recomputed steps for ``c`` states and a known number of steps.  Memory: c states
+    + one step's graph."""
+
+    name = "binomial"
+
+    def replays_steps(self, n_steps):
+        return n_steps != 1  # one step is taped in the forward: nothing is recomputed
+
+    def __init__(self, c: int):
+        self.c = _positive_int("BinomialSchedule(c)", "c", c)
+
+    def keeper(self, n_steps, storage):
+        return _BinomialKeeper(self, n_steps)
+
+    def __repr__(self) -> str:
+        return f"BinomialSchedule({self.c})"
+
+
+def _positive_int(owner: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def checkpoint_schedule(spec, *, owner: str = "checkpoint") -> CheckpointSchedule:
+    """The schedule for a user's ``checkpoint`` setting: ``"steps"``, ``"graphs"``, an integer ``c``
+    (binomial with ``c`` stored states) or a :class:`CheckpointSchedule`."""
+    if spec is None or spec == "steps":
+        return StepsSchedule()
+    if isinstance(spec, CheckpointSchedule):
+        return spec
+    if isinstance(spec, str):
+        if spec == "graphs":
+            return GraphsSchedule()
+        raise ValueError(f"{owner}={spec!r} is not a checkpoint schedule; choose {', '.join(CHECKPOINT_CHOICES)}")
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 1:
+            raise ValueError(f"{owner}={spec!r}: a binomial schedule needs at least 1 stored state (y0); "
+                             f"choose {', '.join(CHECKPOINT_CHOICES)}")
+        return BinomialSchedule(spec)
+    raise TypeError(f"{owner} must be {', '.join(CHECKPOINT_CHOICES)}; got {spec!r} ({type(spec).__name__})")
+
+
+class Keeper:
+    """What one solve keeps for its backward (made by a schedule; see the module docstring).
+
+    Forward: ``keep(n, y, k0)`` before step n with its state (state dtype) and its carried first stage
+    (or None); ``tape_now(n)``: build step n's graph now and hand it over with ``put_tape``;
+    ``end_forward(n_steps)``.  Backward: ``reverse(sweep)``.  ``checkpoints`` and ``nbytes()`` report.
+    """
+
+    schedule: CheckpointSchedule
+    needs_replay = True  # steps are recomputed: random numbers and buffer writes must be replayed
+    consumed = False
+    checkpoints = 0
+
+    def keep(self, n, y, k0) -> None:
+        pass
+
+    def tape_now(self, n) -> bool:
+        return False
+
+    def put_tape(self, n, tape) -> None:  # pragma: no cover - only for keepers that tape
+        raise NotImplementedError
+
+    def end_forward(self, n_steps: int) -> None:
+        self.n_steps = n_steps
+
+    def nbytes(self) -> int:
+        return 0
+
+    def states(self):
+        """The stored states in the storage dtype (checked for overflow), or None."""
+        return None
+
+    def release_states(self) -> None:
+        """Drop the reference to a stored-state tensor that autograd now keeps (save_for_backward)."""
+
+    def use_states(self, states) -> None:
+        """Get it back, unpacked, for the backward."""
+
+    def _once(self) -> None:
+        # A kept graph is freed by its VJP and binomial checkpoints are dropped as the sweep passes
+        # them: a second backward through the same solve has nothing left to work with.
+        if self.consumed:
+            raise RuntimeError(
+                f"checkpoint schedule {self.schedule!r} frees what it kept during the backward, so a second "
+                "backward through the same solve (retain_graph=True) is not available; use "
+                "checkpoint='steps' (or SegmentsSchedule) for repeated backward passes"
+            )
+        self.consumed = True
+
+
+class _StatesKeeper(Keeper):
+    """Steps (every=1) and segments (every=k): states in the storage dtype."""
+
+    def __init__(self, schedule, n_steps, storage, every):
+        self.schedule, self.every, self.storage = schedule, every, storage
+        self.n_steps = n_steps
+        self._fixed = None
+        self._store = ChunkedStore() if n_steps is None or every > 1 else None
+        self._k0 = _Carried()
+
+    def keep(self, n, y, k0):
+        if n % self.every:
+            return
+        if self._store is None:  # steps on a known grid: one preallocated tensor
+            if self._fixed is None:
+                self._fixed = torch.empty((self.n_steps, *y.shape), dtype=self.storage, device=y.device)
+            self._fixed[n] = y
+        else:
+            self._store.append(y.to(self.storage))
+        if k0 is not None:
+            self._k0[n] = k0.to(self.storage)
+        self.checkpoints += 1
+
+    def _state(self, n):
+        i = n // self.every
+        return self._fixed[i] if self._fixed is not None else self._store[i]
+
+    def states(self):
+        return self._fixed if self._fixed is not None else self._store
+
+    def release_states(self):
+        self._fixed = None
+
+    def use_states(self, states):
+        self._fixed = states
+
+    def nbytes(self):
+        if self._fixed is not None:
+            base = self._fixed.numel() * self._fixed.element_size()
+        else:
+            base = self._store.nbytes() if self._store is not None else 0
+        return base + self._k0.nbytes()
+
+    def reverse(self, sweep):
+        last, k = sweep.last, self.every
+        for n0 in range((last // k) * k if last >= 0 else -1, -1, -k):
+            n1 = min(n0 + k, last + 1)
+            sweep.reverse(sweep.tape(n0, n1, self._state(n0), self._k0.get(n0)))
+
+
+class _GraphsKeeper(Keeper):
+    needs_replay = False  # nothing is recomputed
+
+    def __init__(self, schedule):
+        self.schedule, self._tapes = schedule, []
+
+    def tape_now(self, n):
+        return True
+
+    def put_tape(self, n, tape):
+        self._tapes.append(tape)
+
+    def nbytes(self):
+        return 0  # graphs: measured by the saved-tensor meter, not counted here
+
+    def reverse(self, sweep):
+        self._once()
+        tapes, self._tapes = self._tapes, []
+        for n in range(len(tapes) - 1, -1, -1):
+            tape, tapes[n] = tapes[n], None
+            if n <= sweep.last:
+                sweep.reverse(tape)
+            del tape
+
+
+class _BinomialKeeper(Keeper):
+    """Drives ``checkpoint_schedules.MultistageCheckpointSchedule``'s action stream."""
+
+    def __init__(self, schedule, n_steps):
+        self.schedule, self.c, self.n_steps = schedule, schedule.c, n_steps
+        self._snaps: dict[int, tuple] = {}
+        self._taped: set = set()
+        self._tapes: dict[int, object] = {}
+        self.planned = n_steps is not None  # fixed grid: the forward is the stream's first sweep
+        if self.planned:
+            write, taped = set(), set()
+            for action in self._actions(n_steps, until_end_forward=True):
+                kind = type(action).__name__
+                if kind == "Forward":
+                    if action.write_ics:
+                        write.add(action.n0)
+                    if action.write_adj_deps:
+                        taped.update(range(action.n0, action.n1))
+            self._write, self._taped = write, taped
+        else:
+            self._write = {0}
+
+    def _actions(self, n_steps, until_end_forward=False):
+        try:
+            from checkpoint_schedules import MultistageCheckpointSchedule
+        except ImportError as e:  # pragma: no cover - a declared dependency
+            raise ImportError("binomial checkpointing needs the package 'checkpoint-schedules' "
+                              "(pip install checkpoint-schedules)") from e
+        if n_steps < 1:
+            return
+        for action in MultistageCheckpointSchedule(n_steps, min(self.c, max(n_steps - 1, 1)), 0):
+            kind = type(action).__name__
+            if kind == "EndForward" and until_end_forward:
+                return
+            yield action
+            if kind == "EndReverse":
+                return
+
+    def keep(self, n, y, k0):
+        if n in self._write:
+            self._snaps[n] = (y.detach().clone(), None if k0 is None else k0.detach().clone())
+            self.checkpoints = max(self.checkpoints, len(self._snaps))
+
+    def tape_now(self, n):
+        return n in self._taped
+
+    def put_tape(self, n, tape):
+        self._tapes[n] = tape
+
+    def nbytes(self):
+        return sum(y.numel() * y.element_size() + (0 if k is None else k.numel() * k.element_size())
+                   for y, k in self._snaps.values())
+
+    def reverse(self, sweep):
+        self._once()
+        snaps, pending = self._snaps, self._tapes
+        self._snaps, self._tapes = {}, {}
+        at, work = None, None  # position and (state, carried first stage) of the working copy
+        started = not self.planned  # a planned stream's forward part already ran in the forward
+        peak = len(snaps)
+        for action in self._actions(self.n_steps):
+            kind = type(action).__name__
+            if not started:
+                started = kind == "EndForward"
+                continue
+            if kind == "Forward":
+                if at is None and action.n0 == 0 and not self.planned:
+                    at, work = 0, snaps[0]
+                if at != action.n0:
+                    raise RuntimeError(f"internal error: binomial schedule at step {at}, action {action!r}")
+                for n in range(action.n0, action.n1):
+                    if n == action.n0 and action.write_ics:
+                        snaps[n] = work
+                        peak = max(peak, len(snaps))
+                    if action.write_adj_deps:
+                        tape = sweep.tape(n, n + 1, *work) if n <= sweep.last else None
+                        work = sweep.after(tape, n, *work)
+                        pending[n] = tape
+                    else:
+                        work = sweep.advance(n, *work)
+                at = action.n1
+            elif kind == "Reverse":
+                for n in range(action.n1 - 1, action.n0 - 1, -1):
+                    tape = pending.pop(n)
+                    if tape is not None:
+                        sweep.reverse(tape)
+                    del tape
+                at = None
+            elif kind in ("Copy", "Move"):
+                i = action.n
+                at, work = i, (snaps.pop(i) if kind == "Move" else snaps[i])
+            elif kind == "EndReverse":
+                break
+        self.checkpoints = max(self.checkpoints, peak)

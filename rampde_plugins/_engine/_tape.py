@@ -1,0 +1,139 @@
+"""Tapes: one or more consecutive steps rebuilt with an autograd graph, ready for one VJP.
+
+The reverse sweep (``_adjoint``) consumes tapes; checkpoint schedules (``_schedules``) decide when a
+tape is built -- in the forward (``graphs``, revolve's last step) or in the backward from a kept
+state -- and the same :func:`build_tape` builds it in both places, so that a step's graph is the
+same function whichever schedule ran.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._probe import sequence_mark
+from ._steppers import StepData
+from ._times import _StepTable
+
+
+class Frame:
+    """What tapes of one solve share: the detached grid and output times, its stage-time table, and
+    which time gradients are needed."""
+
+    __slots__ = ("grid", "t_out", "table", "need_grid", "need_tout", "need_time")
+
+    def __init__(self, prob, grid, t_out, y_like, need_grid: bool, need_tout: bool):
+        self.grid, self.t_out = grid.detach(), t_out.detach()
+        self.table = _StepTable(prob, self.grid, y_like)
+        self.need_grid, self.need_tout = bool(need_grid), bool(need_tout)
+        self.need_time = self.need_grid or self.need_tout
+
+
+class Tape:
+    """Steps ``n0 .. n1-1`` with a graph: leaves (state, carried first stage, time points), the end state
+    ``y_end``, the last stage ``k_last`` (the root of a carried first stage of step ``n1``) and the
+    outputs evaluated inside (``outs``: (entry, values, time leaves) per step)."""
+
+    __slots__ = ("n0", "n1", "y_leaf", "k0_leaf", "pts", "y_end", "k_last", "ks", "outs", "ys", "mark",
+                 "nfe", "checked")
+
+    def clear(self) -> None:
+        """Drop every reference into the graph (it is freed once the VJP has run)."""
+        self.y_leaf = self.k0_leaf = self.pts = self.y_end = self.k_last = self.ks = self.outs = self.ys = None
+
+
+def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bool, points=None) -> Tape:
+    """Steps ``n0 .. n1-1`` from state ``y`` (and carried first stage ``k0`` of step n0, or None).
+
+    ``replay``: restore each step's random numbers and buffers first (a recomputation; a tape built
+    in the forward is the first run).  ``points``: the time points ``[t_n0, t_n0+1]`` when the grid is
+    not known yet (adaptive forward).
+    """
+    state_dtype = prob.policy.state_dtype
+    outputs, tab = prob.outputs, prob.tableau
+    rp = prob.replay if replay and prob.replay is not None and prob.replay.active else None
+    tape = Tape()
+    tape.n0, tape.n1, tape.nfe, tape.checked = n0, n1, 0, False
+    tape.mark = sequence_mark()  # autograd nodes numbered below were created before this tape
+    keep_ys = prob.callback_step_adjoint is not None or prob.callback_accept_step_adjoint is not None
+    with torch.enable_grad(), prob.graph_autocast():
+        y_leaf = y.detach().to(state_dtype).requires_grad_(True)
+        k0_leaf = None if k0 is None else k0.detach().to(state_dtype).requires_grad_(True)
+        src = points if points is not None else [frame.grid[m] for m in range(n0, n1 + 1)]
+        pts = [p.detach().clone().requires_grad_(True) for p in src] if frame.need_time else None
+        cur, k, ks, outs, ys = y_leaf, k0_leaf, None, [], []
+        for n in range(n0, n1):
+            if frame.need_time:
+                t0, t1 = pts[n - n0], pts[n - n0 + 1]
+                h = t1 - t0
+                stage_t = prob.stage_times(t0, t1, h, True if n in prob.first_next_steps else None)
+                hs = prob.h_for_state(h, cur)
+            elif points is not None:
+                t0, t1 = points[0], points[1]
+                h = t1 - t0
+                stage_t = prob.stage_times(t0, t1, h, True if n in prob.first_next_steps else None)
+                hs = prob.h_for_state(h, cur) if prob.per_sample else float(h)
+            else:
+                t0, t1 = frame.grid[n], frame.grid[n + 1]
+                stage_t, hs = frame.table[n]
+                h = frame.table.h_all[n]
+            if keep_ys:
+                ys.append(cur.detach())
+            if rp is not None:
+                if k is None and (n, "k0") in rp.tokens:
+                    # a first stage the forward evaluated before this step's trial (adaptive steps)
+                    rp.restore((n, "k0"))
+                    k = prob.f(stage_t[0], cur).to(state_dtype)
+                    tape.nfe += 1
+                rp.restore(n)
+            y_next, ks = prob.step(cur, stage_t, hs, k)
+            tape.nfe += tab.stages - (k is not None)
+            entry = outputs.steps.get(n)
+            if entry is not None:
+                t_leaves = outputs.times(entry, frame.t_out, frame.need_tout)
+                sd = StepData(prob, t0, t1, h, cur, y_next, ks)
+                with prob.full_precision():
+                    values = outputs.evaluate(entry, sd, t_leaves)
+                outs.append((entry, values, t_leaves))
+            k = ks[-1] if n + 1 < n1 and prob.carried_k0.carries(n + 1) else None
+            cur = y_next
+    tape.y_leaf, tape.k0_leaf, tape.pts = y_leaf, k0_leaf, pts
+    tape.y_end, tape.k_last, tape.ks, tape.outs, tape.ys = cur, ks[-1], ks, outs, ys
+    return tape
+
+
+def tape_roots(tape: Tape, a, a_k, g, outputs):
+    """(roots, cotangents) of a tape: the end state against the adjoint, the carried last stage
+    against its cotangent from the next step, the outputs against the loss's cotangents."""
+    roots, cot = [tape.y_end], [a]
+    if a_k is not None:  # the next step started from this tape's last stage
+        roots.append(tape.k_last)
+        cot.append(a_k)
+    for entry, values, _ in tape.outs:
+        for v, c in zip(values, outputs.cotangents(g, entry) if g is not None else [None] * len(values)):
+            if v is tape.y_end:  # an output that is the end state itself: fold its cotangent in
+                if c is not None:
+                    cot[0] = cot[0] + c
+            else:
+                roots.append(v)
+                cot.append(c)
+    return roots, cot
+
+
+def tape_inputs(tape: Tape, diff_params, frame: Frame):
+    inputs = [tape.y_leaf, *diff_params]
+    if tape.k0_leaf is not None:
+        inputs.append(tape.k0_leaf)
+    if frame.need_time:
+        inputs += tape.pts
+        if frame.need_tout:
+            inputs += [tl for _, _, t_leaves in tape.outs for tl in t_leaves if tl is not None]
+    return inputs
+
+
+def check_tape(prob, tape: Tape, diff_params, frame: Frame, where: str) -> None:
+    """The hidden-tensor walk over a tape built in the forward (raises there, like the first probe)."""
+    roots, _ = tape_roots(tape, None, None, None, prob.outputs)
+    refs, outside = prob.check.scan(roots, tape_inputs(tape, diff_params, frame), tape.mark)
+    del roots
+    prob.check.raise_if_hidden(refs, outside, where)
+    tape.checked = True
