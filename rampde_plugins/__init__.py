@@ -38,20 +38,32 @@ from ._manager import (
     uninstall,
     unregister_plugin,
 )
-from ._policy import SCALING_MODES, PrecisionPolicy, RampdeToleranceWarning, ScalerConfig
+from ._engine import (
+    BinomialSchedule,
+    CheckpointSchedule,
+    GraphsSchedule,
+    SegmentsSchedule,
+    StepsSchedule,
+    checkpoint_schedule,
+)
+from ._policy import SCALING_MODES, PrecisionPolicy, RampdeToleranceWarning, ScalerConfig, check_tolerance
 from ._scaler import AdjointScaler
 from ._stats import SolveStats, StatsCollector, collect_stats
-from ._tableau import ButcherTableau
+from ._tableau import BUILTIN_TABLEAUS, ButcherTableau
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdjointScaler",
+    "BUILTIN_TABLEAUS",
     "BatchedOutputs",
     "BatchedStepController",
+    "BinomialSchedule",
     "ButcherTableau",
+    "CheckpointSchedule",
     "DISABLE_AUTOLOAD_ENV",
     "ENTRY_POINT_GROUP",
+    "GraphsSchedule",
     "HostAdapter",
     "INTERPOLATIONS",
     "PrecisionPolicy",
@@ -60,11 +72,15 @@ __all__ = [
     "Registry",
     "SCALING_MODES",
     "ScalerConfig",
+    "SegmentsSchedule",
     "SolveStats",
     "StepController",
     "StepData",
+    "StepsSchedule",
     "StatsCollector",
     "UnsupportedHostError",
+    "check_tolerance",
+    "checkpoint_schedule",
     "collect_stats",
     "get_plugin_manager",
     "get_registry",

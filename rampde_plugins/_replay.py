@@ -142,11 +142,16 @@ class StepReplay:
                 for b, v in zip(self.buffers, values):
                     b.copy_(v)
 
-    def restore(self, key) -> None:
-        """Before recomputing the evaluations recorded under ``key``."""
+    def restore(self, key, buffers: bool = True) -> None:
+        """Before recomputing the evaluations recorded under ``key``.
+
+        ``buffers=False``: the generator states only -- inside a graph of several steps, where the
+        recomputed previous step has just written the very values kept for this one, and writing
+        them again in place would invalidate what that step's graph saved (BatchNorm saves its
+        running statistics)."""
         token = self.tokens.get(key)
         if token is not None:
-            self._apply(token)
+            self._apply(token if buffers else (token[0], None))
 
     @contextlib.contextmanager
     def sweep(self):

@@ -16,7 +16,7 @@ import importlib
 import torch
 
 from rampde_plugins import StepController
-from rampde_plugins._policy import RampdeToleranceWarning, check_tolerance  # noqa: F401 (re-exported)
+from rampde_plugins import RampdeToleranceWarning, check_tolerance  # noqa: F401 (re-exported)
 
 ADAPTIVE_OPTIONS = {
     "first_step": "initial step size (default: torchdiffeq's selection)",

@@ -11,6 +11,7 @@ from rampde_plugins import (
     INTERPOLATIONS,
     AdjointScaler,
     PrecisionPolicy,
+    checkpoint_schedule,
     get_registry,
     resolve_policy,
     solve_adaptive,
@@ -31,6 +32,8 @@ OPTIONS = {
     "precision": "precision policy name or PrecisionPolicy (default: from torch.autocast / y0's dtype)",
     "scaler": "rampde_plugins.AdjointScaler carrying the fp16 adjoint scale across iterations",
     "adjoint_params": "tensors to differentiate when func is not an nn.Module owning them",
+    "checkpoint": "what the forward keeps for the backward: 'steps' (default), 'graphs' (fixed grids), an integer c "
+                  "(binomial, c stored states) or a rampde_plugins schedule object",
 }
 # torchdiffeq hands these to every solver; a fixed grid has no use for them.
 _HOST_ARGS = ("rtol", "atol", "norm")
@@ -65,6 +68,7 @@ def parse_options(method: str, options) -> dict:
         raise TypeError(
             f"odeint(method={method!r}): options['scaler'] must be a rampde_plugins.AdjointScaler, got {type(out['scaler']).__name__}"
         )
+    out["checkpoint"] = checkpoint_schedule(out["checkpoint"], owner=f"odeint(method={method!r}): options['checkpoint']")
     prec = out["precision"]
     if prec is not None and not isinstance(prec, (str, PrecisionPolicy)):
         raise TypeError(
@@ -187,6 +191,7 @@ class RampdeFixedGridSolver:
                 callback_accept_step_adjoint=getattr(self.func, "callback_accept_step_adjoint", None),
                 method=self.method,
                 param_hint="pass them explicitly: options={'adjoint_params': (A, b)}",
+                checkpoint=opts["checkpoint"],
             )
         return solve_grid(
             inner,
@@ -204,6 +209,7 @@ class RampdeFixedGridSolver:
             callback_step_adjoint=getattr(self.func, "callback_step_adjoint", None),
             method=self.method,
             param_hint="pass them explicitly: options={'adjoint_params': (A, b)}",
+            checkpoint=opts["checkpoint"],
         )
 
     def integrate_until_event(self, t0, event_fn):

@@ -11,22 +11,30 @@ What is patched, and why it is the minimum:
 * ``torchode.solve_ivp`` / ``torchode.interface.solve_ivp`` are wrapped only to give rampde methods a
   sensible default controller: a method without an error estimate (``rampde_rk4``) has no use for
   torchode's default PID controller, so ``controller=None`` means ``FixedStepController()`` for it;
-  embedded methods (``rampde_dopri5``) keep torchode's default adaptive controller.
+  embedded methods (``rampde_dopri5``) keep torchode's default adaptive controller.  The wrapper
+  also takes rampde's own ``checkpoint=`` keyword (for rampde methods only) and hands it to the
+  ``RampdeAdjoint`` that torchode builds inside (a ``from torchode import solve_ivp`` done before
+  ``import rampde_plugins`` holds torchode's original function, which has no such keyword).
 
 ``uninstall`` restores all of it (and only where nobody replaced it since).
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 import inspect
 
 import torch
 
-from rampde_plugins import HostAdapter, UnsupportedHostError, get_registry
+from rampde_plugins import HostAdapter, UnsupportedHostError, checkpoint_schedule, get_registry
 
 PREFIX = "rampde_"
+
+# Keywords of rampde's own that solve_ivp accepts for rampde methods, passed on to RampdeAdjoint.
+_RAMPDE_SOLVE_OPTIONS = ("checkpoint",)
+_SOLVE_OPTIONS: contextvars.ContextVar[dict] = contextvars.ContextVar("rampde_solve_options", default={})
 
 # Tableaus torchode defines: registered by this plugin (shared with other hosts by name) and solved
 # with torchode's own dense output when called through torchode.
@@ -111,6 +119,8 @@ class TorchodeAdapter(HostAdapter):
 
         def AutoDiffAdjoint(step_method, step_size_controller, **kwargs):  # noqa: N802 (torchode's name)
             if isinstance(step_method, RampdeStepMethod):
+                for key, value in _SOLVE_OPTIONS.get().items():  # solve_ivp(..., checkpoint=...)
+                    kwargs.setdefault(key, value)
                 if _is_default_pid(step_size_controller) and get_registry().tableau(step_method.tableau_name).b_err is None:
                     # solve_ivp(controller=None) builds this PID controller before it gets here (a
                     # caller holding torchode's original solve_ivp, imported before rampde_plugins,
@@ -129,8 +139,11 @@ class TorchodeAdapter(HostAdapter):
 
         @functools.wraps(original_solve)
         def solve_ivp(*args, **kwargs):
+            extra = {k: kwargs.pop(k) for k in _RAMPDE_SOLVE_OPTIONS if k in kwargs}
             bound = signature.bind(*args, **kwargs)
             method = bound.arguments.get("method")
+            if extra and not adapter.owns(method):
+                raise TypeError(f"solve_ivp(method={method!r}): {', '.join(extra)} applies to rampde_* methods only")
             y0 = bound.arguments.get("y0")
             if adapter.owns(method) and isinstance(y0, torch.Tensor) and y0.ndim != 2:
                 raise ValueError(
@@ -145,7 +158,13 @@ class TorchodeAdapter(HostAdapter):
                     # No error estimate: fixed steps are this method's only mode (torchode's default
                     # PID controller would fail on it).  Embedded methods keep torchode's default.
                     bound.arguments["controller"] = torchode.FixedStepController()
-            return original_solve(*bound.args, **bound.kwargs)
+            if "checkpoint" in extra:  # validated here, before anything runs
+                checkpoint_schedule(extra["checkpoint"], owner=f"solve_ivp(method={method!r}, checkpoint=...)")
+            token = _SOLVE_OPTIONS.set(extra)
+            try:
+                return original_solve(*bound.args, **bound.kwargs)
+            finally:
+                _SOLVE_OPTIONS.reset(token)
 
         self._patch_attr(interface, "solve_ivp", solve_ivp)
         if getattr(torchode, "solve_ivp", None) is original_solve:

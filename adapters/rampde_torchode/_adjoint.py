@@ -25,17 +25,18 @@ from torchode.step_size_controllers import FixedStepController
 from torchode.terms import ODETerm
 
 from rampde_plugins import (
+    BUILTIN_TABLEAUS,
     AdjointScaler,
     BatchedOutputs,
     BatchedStepController,
     ButcherTableau,
+    check_tolerance,
+    checkpoint_schedule,
     get_registry,
     resolve_policy,
     solve_batched,
     solve_batched_adaptive,
 )
-from rampde_plugins._policy import check_tolerance
-from rampde_plugins._tableau import BUILTIN_TABLEAUS
 
 PARAM_HINT = "pass them explicitly: RampdeAdjoint(step_method, controller, params=(A, b))"
 _EULER = next(t for t in BUILTIN_TABLEAUS if t.name == "euler")
@@ -217,6 +218,10 @@ class RampdeAdjoint(torch.nn.Module):
         params: tensors to differentiate (default: the term's parameters, i.e. those of ``f`` when it
             is an ``nn.Module``).  Tensors requiring grad that ``f`` uses otherwise raise an error.
         scaler: a persistent :class:`rampde_plugins.AdjointScaler` for the ``fp16`` policy.
+        checkpoint: what the forward keeps for the backward: ``"steps"`` (default: one state per step,
+            each step recomputed once), ``"graphs"`` (every step's graph, no recomputation; fixed
+            steps), an integer ``c`` (binomial checkpointing with ``c`` stored states) or a
+            ``rampde_plugins`` schedule object (``SegmentsSchedule(k)``, ...).
 
     ``solve(problem, term=None, dt0=None, args=None)`` returns a torchode ``Solution``; its ``stats``
     has torchode's keys (``n_f_evals``, ``n_steps``, ``n_accepted``, ``n_initialized``) plus
@@ -224,9 +229,16 @@ class RampdeAdjoint(torch.nn.Module):
     """
 
     def __init__(self, step_method, step_size_controller, *, max_steps=None, precision=None, params=None,
-                 scaler=None, backprop_through_step_size_control=True):
+                 scaler=None, checkpoint=None, backprop_through_step_size_control=True):
         super().__init__()
         tableau_of(step_method)  # fail early on an unsupported method
+        self.checkpoint = checkpoint_schedule(checkpoint, owner="RampdeAdjoint(checkpoint=...)")
+        if not self.checkpoint.adaptive_ok and not isinstance(step_size_controller, FixedStepController):
+            raise ValueError(
+                f"RampdeAdjoint(checkpoint={checkpoint!r}) keeps every step's graph, which is available for fixed "
+                "steps only (torchode.FixedStepController() with dt0); with adaptive steps use 'steps', an "
+                "integer (binomial) or SegmentsSchedule(k)"
+            )
         if scaler is not None and not isinstance(scaler, AdjointScaler):
             raise TypeError(f"scaler must be a rampde_plugins.AdjointScaler, got {type(scaler).__name__}")
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
@@ -296,7 +308,7 @@ class RampdeAdjoint(torch.nn.Module):
         f = term.f if not term.with_args else functools.partial(_with_args, term.f, args)
         common = dict(
             tableau=tableau, policy=policy, params=self.params if self.params is not None else tuple(term.parameters()),
-            buffers=tuple(term.buffers()), scaler=self.scaler, param_hint=PARAM_HINT,
+            buffers=tuple(term.buffers()), scaler=self.scaler, param_hint=PARAM_HINT, checkpoint=self.checkpoint,
             method=f"rampde_{tableau.name}" if isinstance(method, RampdeStepMethod) else tableau.name,
         )
         outputs = BatchedOutputs(t_eval, make_interpolant(method, problem))
@@ -358,7 +370,7 @@ class RampdeAdjoint(torch.nn.Module):
 
     def __repr__(self):
         return (f"RampdeAdjoint(step_method={self.step_method}, step_size_controller={self.step_size_controller}, "
-                f"max_steps={self.max_steps}, precision={self.precision!r})")
+                f"max_steps={self.max_steps}, precision={self.precision!r}, checkpoint={self.checkpoint!r})")
 
 
 def _with_args(f, args, t, y):

@@ -31,9 +31,12 @@ the autograd Function), ``_api`` (the entry points below).
 from ._api import solve_adaptive, solve_batched, solve_batched_adaptive, solve_grid
 from ._drivers import BatchedStepController, StepController
 from ._outputs import INTERPOLATIONS, BatchedOutputs
+from ._schedules import (BinomialSchedule, CheckpointSchedule, GraphsSchedule, SegmentsSchedule, StepsSchedule,
+                         checkpoint_schedule)
 from ._steppers import StepData
 
 __all__ = [
     "solve_grid", "solve_batched", "solve_adaptive", "solve_batched_adaptive", "StepController",
-    "BatchedStepController", "BatchedOutputs", "StepData", "INTERPOLATIONS",
+    "BatchedStepController", "BatchedOutputs", "StepData", "INTERPOLATIONS", "CheckpointSchedule",
+    "StepsSchedule", "GraphsSchedule", "SegmentsSchedule", "BinomialSchedule", "checkpoint_schedule",
 ]

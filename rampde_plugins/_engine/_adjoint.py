@@ -154,6 +154,7 @@ def _backward(prob: _Problem, keeper, grid, t_out, params, grad_sol, needs):
         frame = Frame(prob, grid, t_out, grad_sol.new_empty(prob.y_shape), needs[1], needs[2])
         sweep = _Sweep(prob, frame, params, grad_sol, needs)
         keeper.reverse(sweep)
+        prob.record.checkpoints = max(prob.record.checkpoints, keeper.checkpoints)
         return sweep.finish()
 
 

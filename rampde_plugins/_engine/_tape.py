@@ -61,6 +61,7 @@ def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, rep
         src = points if points is not None else [frame.grid[m] for m in range(n0, n1 + 1)]
         pts = [p.detach().clone().requires_grad_(True) for p in src] if frame.need_time else None
         cur, k, ks, outs, ys = y_leaf, k0_leaf, None, [], []
+        fresh = True  # no buffer restored yet in this tape
         for n in range(n0, n1):
             if frame.need_time:
                 t0, t1 = pts[n - n0], pts[n - n0 + 1]
@@ -81,10 +82,15 @@ def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, rep
             if rp is not None:
                 if k is None and (n, "k0") in rp.tokens:
                     # a first stage the forward evaluated before this step's trial (adaptive steps)
-                    rp.restore((n, "k0"))
+                    rp.restore((n, "k0"), buffers=fresh)
+                    fresh = False
                     k = prob.f(stage_t[0], cur).to(state_dtype)
                     tape.nfe += 1
-                rp.restore(n)
+                # Buffers are put back once per tape: after that, the recomputation writes exactly
+                # what the forward wrote, and writing it again in place would invalidate the values
+                # this tape's graph saved (BatchNorm saves its running statistics).
+                rp.restore(n, buffers=fresh)
+                fresh = False
             y_next, ks = prob.step(cur, stage_t, hs, k)
             tape.nfe += tab.stages - (k is not None)
             entry = outputs.steps.get(n)
