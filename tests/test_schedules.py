@@ -420,6 +420,6 @@ def test_no_grad_solve_keeps_nothing_whatever_the_schedule():
 
 
 def test_rampde_core_exports_the_schedules():
-    assert rampde_plugins.checkpoint_schedule(4) .c == 4
+    assert rampde_plugins.checkpoint_schedule(4).c == 4
     assert rampde_plugins.checkpoint_schedule("graphs").name == "graphs"
     assert isinstance(rampde_plugins.checkpoint_schedule(None), rampde_plugins.StepsSchedule)

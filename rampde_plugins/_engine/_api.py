@@ -99,13 +99,10 @@ def solve_grid(
             "output times must be non-decreasing, start at the grid's first point and end inside the grid "
             f"(grid spans [{grid_cpu[0].item()}, {grid_cpu[-1].item()}], outputs [{tout_cpu[0].item()}, {tout_cpu[-1].item()}])"
         )
-    prob = _Problem(
-        f=f, tableau=tableau, policy=policy, params=params, outputs=_SharedTimeOutputs(t_out_t, grid_cpu, interp),
-        perturb=bool(perturb), scaler=scaler, callback_step=callback_step,
-        callback_step_adjoint=callback_step_adjoint, device_type=y0.device.type,
-        record=_new_record(method or f"rampde_{tableau.name}", policy.name),
-        n_steps=grid_cpu.shape[0] - 1, per_sample=False, param_hint=param_hint,
-        schedule=schedule, y_shape=tuple(y0.shape),
+    prob = _new_problem(
+        f, y0, tableau, policy, params, _SharedTimeOutputs(t_out_t, grid_cpu, interp), scaler, method, param_hint,
+        schedule, n_steps=grid_cpu.shape[0] - 1, per_sample=False, perturb=bool(perturb),
+        callback_step=callback_step, callback_step_adjoint=callback_step_adjoint,
     )
     return _run(prob, y0, grid_t, t_out_t, params, buffers)
 
@@ -149,13 +146,8 @@ def solve_batched(
         raise ValueError(f"output times must have shape (B={y0.shape[0]}, M) and the grid's dtype {grid.dtype}")
     grid_cpu = grid.detach().cpu()
     outputs.plan(grid_cpu)
-    prob = _Problem(
-        f=f, tableau=tableau, policy=policy, params=params, outputs=outputs, perturb=False, scaler=scaler,
-        callback_step=None, callback_step_adjoint=None, device_type=y0.device.type,
-        record=_new_record(method or f"rampde_{tableau.name}", policy.name),
-        n_steps=grid_cpu.shape[0] - 1, per_sample=True, param_hint=param_hint,
-        schedule=schedule, y_shape=tuple(y0.shape),
-    )
+    prob = _new_problem(f, y0, tableau, policy, params, outputs, scaler, method, param_hint, schedule,
+                        n_steps=grid_cpu.shape[0] - 1, per_sample=True)
     return _run(prob, y0, grid, t_eval, params, buffers)
 
 
@@ -204,12 +196,9 @@ def solve_adaptive(
     tc = t_out_t.detach().cpu()
     if not bool(torch.isfinite(tc).all()) or bool((tc[1:] <= tc[:-1]).any()):
         raise ValueError("output times must be finite and strictly increasing")
-    prob = _Problem(
-        f=f, tableau=tableau, policy=policy, params=params, outputs=_SharedTimeOutputs(t_out_t, None, interp),
-        perturb=False, scaler=scaler, callback_step=None, callback_step_adjoint=callback_step_adjoint,
-        device_type=y0.device.type, record=_new_record(method or f"rampde_{tableau.name}", policy.name),
-        n_steps=0, per_sample=False, param_hint=param_hint, nudge_end=True,
-        schedule=schedule, y_shape=tuple(y0.shape),
+    prob = _new_problem(
+        f, y0, tableau, policy, params, _SharedTimeOutputs(t_out_t, None, interp), scaler, method, param_hint,
+        schedule, n_steps=0, per_sample=False, nudge_end=True, callback_step_adjoint=callback_step_adjoint,
         callback_accept_step_adjoint=callback_accept_step_adjoint,
     )
     diff_params = _attach(prob, params, buffers, param_hint, y0.device)
@@ -271,13 +260,8 @@ def solve_batched_adaptive(
         raise ValueError(f"method {tableau.name!r} has no embedded error estimate; it cannot adapt its step size")
     _check_time_dtype("start times", t_start)
     time_dtype = t_start.dtype
-    record = _new_record(method or f"rampde_{tableau.name}", policy.name)
-    prob = _Problem(
-        f=f, tableau=tableau, policy=policy, params=params, outputs=outputs, perturb=False, scaler=scaler,
-        callback_step=None, callback_step_adjoint=None, device_type=y0.device.type, record=record,
-        n_steps=0, per_sample=True, param_hint=param_hint,
-        schedule=schedule, y_shape=tuple(y0.shape),
-    )
+    prob = _new_problem(f, y0, tableau, policy, params, outputs, scaler, method, param_hint, schedule,
+                        n_steps=0, per_sample=True)
     diff_params = _attach(prob, params, buffers, param_hint, y0.device)
     grad_mode = torch.is_grad_enabled()
     needs_graph = grad_mode and (y0.requires_grad or outputs.t_eval.requires_grad or t_start.requires_grad
@@ -303,6 +287,17 @@ def solve_batched_adaptive(
     grid = grid_values + (1 - anchor) * (t_start - t_start.detach()) + anchor * (t_end - t_end.detach())
     prob.precomputed = (sol, keeper)
     return _apply(prob, y0, grid, outputs.t_eval, diff_params), info
+
+
+def _new_problem(f, y0, tableau, policy, params, outputs, scaler, method, param_hint, schedule, *, n_steps,
+                 per_sample, perturb=False, callback_step=None, callback_step_adjoint=None, **rest) -> _Problem:
+    """The record of one solve (and its statistics record, which the collectors see from now on)."""
+    return _Problem(
+        f=f, tableau=tableau, policy=policy, params=params, outputs=outputs, perturb=perturb, scaler=scaler,
+        callback_step=callback_step, callback_step_adjoint=callback_step_adjoint, device_type=y0.device.type,
+        record=_new_record(method or f"rampde_{tableau.name}", policy.name), n_steps=n_steps,
+        per_sample=per_sample, param_hint=param_hint, schedule=schedule, y_shape=tuple(y0.shape), **rest,
+    )
 
 
 def _schedule(checkpoint, *, adaptive: bool):

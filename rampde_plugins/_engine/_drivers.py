@@ -31,7 +31,7 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
     n_steps = prob.n_steps
     y = y0.detach().to(state_dtype)
     keeper = prob.keeper = prob.schedule.keeper(n_steps, pol.storage) if keep else None
-    replay = prob.replay if keep and keeper.needs_replay else None
+    replay = prob.replay if keep and prob.schedule.replays_steps(n_steps) else None
     # The first stage is probed (with a graph) unless the first step's whole graph is built now.
     probe = keep and not keeper.tape_now(0)
     # Without an adjoint graph but in grad mode, a field whose output requires grad uses a tensor
@@ -74,11 +74,10 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
                 check_tape(prob, tape, prob.params, frame, f" (at step {n} of {n_steps}, t = {float(grid[n].min()):.6g})")
                 for entry, values, _ in tape.outs:
                     outputs.write(sol, entry, [v.detach() for v in values])
-                y_next, tape.ks = tape.y_end.detach(), None
+                y = tape.y_end.detach()
                 keeper.put_tape(n, tape)
                 del tape
                 k0 = None
-                y = y_next
                 continue
             stage_t, h_n = table[n]
             y_next, ks = prob.step(y, stage_t, h_n, k0)
@@ -147,7 +146,7 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
     pol, tab, outputs = prob.policy, prob.tableau, prob.outputs
     state_dtype = pol.state_dtype
     keeper = prob.keeper = prob.schedule.keeper(None, pol.storage) if probe else None
-    replay = prob.replay if probe and keeper.needs_replay else None
+    replay = prob.replay if probe and prob.schedule.replays_steps(None) else None
     prob.carried_k0.clear()
     prob.first_next_steps.clear()
     outputs.steps.clear()
@@ -278,7 +277,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
     state_dtype = policy.state_dtype
     time_dtype = t_start.dtype
     keeper = prob.keeper = prob.schedule.keeper(None, policy.storage) if probe else None
-    replay = prob.replay if probe and keeper.needs_replay else None
+    replay = prob.replay if probe and prob.schedule.replays_steps(None) else None
     outputs.steps.clear()
     nfe = 0
 

@@ -196,9 +196,6 @@ class _CarriedSteps:
     def carries(self, n: int) -> bool:
         return n < len(self._flags) and self._flags[n] == 1
 
-    def __bool__(self) -> bool:
-        return any(self._flags)
-
 
 def _probe_first(prob: _Problem, t_first, y):
     """The field's first evaluation, with a graph, checked for hidden tensors; reused as a stage."""

@@ -160,7 +160,6 @@ class Keeper:
     """
 
     schedule: CheckpointSchedule
-    needs_replay = True  # steps are recomputed: random numbers and buffer writes must be replayed
     consumed = False
     checkpoints = 0
 
@@ -252,7 +251,7 @@ class _StatesKeeper(Keeper):
 
 
 class _GraphsKeeper(Keeper):
-    needs_replay = False  # nothing is recomputed
+    """Every step's tape, built in the forward; nothing is recomputed."""
 
     def __init__(self, schedule):
         self.schedule, self._tapes = schedule, []

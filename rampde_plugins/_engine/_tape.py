@@ -33,20 +33,19 @@ class Tape:
     ``y_end``, the last stage ``k_last`` (the root of a carried first stage of step ``n1``) and the
     outputs evaluated inside (``outs``: (entry, values, time leaves) per step)."""
 
-    __slots__ = ("n0", "n1", "y_leaf", "k0_leaf", "pts", "y_end", "k_last", "ks", "outs", "ys", "mark",
+    __slots__ = ("n0", "n1", "y_leaf", "k0_leaf", "pts", "y_end", "k_last", "outs", "ys", "mark",
                  "nfe", "checked")
 
     def clear(self) -> None:
         """Drop every reference into the graph (it is freed once the VJP has run)."""
-        self.y_leaf = self.k0_leaf = self.pts = self.y_end = self.k_last = self.ks = self.outs = self.ys = None
+        self.y_leaf = self.k0_leaf = self.pts = self.y_end = self.k_last = self.outs = self.ys = None
 
 
-def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bool, points=None) -> Tape:
+def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bool) -> Tape:
     """Steps ``n0 .. n1-1`` from state ``y`` (and carried first stage ``k0`` of step n0, or None).
 
     ``replay``: restore each step's random numbers and buffers first (a recomputation; a tape built
-    in the forward is the first run).  ``points``: the time points ``[t_n0, t_n0+1]`` when the grid is
-    not known yet (adaptive forward).
+    in the forward is the first run).
     """
     state_dtype = prob.policy.state_dtype
     outputs, tab = prob.outputs, prob.tableau
@@ -58,8 +57,7 @@ def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, rep
     with torch.enable_grad(), prob.graph_autocast():
         y_leaf = y.detach().to(state_dtype).requires_grad_(True)
         k0_leaf = None if k0 is None else k0.detach().to(state_dtype).requires_grad_(True)
-        src = points if points is not None else [frame.grid[m] for m in range(n0, n1 + 1)]
-        pts = [p.detach().clone().requires_grad_(True) for p in src] if frame.need_time else None
+        pts = [frame.grid[m].clone().requires_grad_(True) for m in range(n0, n1 + 1)] if frame.need_time else None
         cur, k, ks, outs, ys = y_leaf, k0_leaf, None, [], []
         fresh = True  # no buffer restored yet in this tape
         for n in range(n0, n1):
@@ -68,11 +66,6 @@ def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, rep
                 h = t1 - t0
                 stage_t = prob.stage_times(t0, t1, h, True if n in prob.first_next_steps else None)
                 hs = prob.h_for_state(h, cur)
-            elif points is not None:
-                t0, t1 = points[0], points[1]
-                h = t1 - t0
-                stage_t = prob.stage_times(t0, t1, h, True if n in prob.first_next_steps else None)
-                hs = prob.h_for_state(h, cur) if prob.per_sample else float(h)
             else:
                 t0, t1 = frame.grid[n], frame.grid[n + 1]
                 stage_t, hs = frame.table[n]
@@ -103,7 +96,7 @@ def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, rep
             k = ks[-1] if n + 1 < n1 and prob.carried_k0.carries(n + 1) else None
             cur = y_next
     tape.y_leaf, tape.k0_leaf, tape.pts = y_leaf, k0_leaf, pts
-    tape.y_end, tape.k_last, tape.ks, tape.outs, tape.ys = cur, ks[-1], ks, outs, ys
+    tape.y_end, tape.k_last, tape.outs, tape.ys = cur, ks[-1], outs, ys
     return tape
 
 
