@@ -42,9 +42,11 @@ from ._engine import (
     BinomialSchedule,
     CheckpointSchedule,
     GraphsSchedule,
+    MemoryBudget,
     SegmentsSchedule,
     StepsSchedule,
     checkpoint_schedule,
+    parse_memory_budget,
 )
 from ._policy import SCALING_MODES, PrecisionPolicy, RampdeToleranceWarning, ScalerConfig, check_tolerance
 from ._scaler import AdjointScaler
@@ -65,6 +67,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "GraphsSchedule",
     "HostAdapter",
+    "MemoryBudget",
     "INTERPOLATIONS",
     "PrecisionPolicy",
     "RampdeAdapterWarning",
@@ -81,6 +84,7 @@ __all__ = [
     "UnsupportedHostError",
     "check_tolerance",
     "checkpoint_schedule",
+    "parse_memory_budget",
     "collect_stats",
     "get_plugin_manager",
     "get_registry",

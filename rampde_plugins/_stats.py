@@ -50,6 +50,14 @@ class SolveStats:
     taped_steps: int = 0
     #: steps run again without a graph in the backward to reach a taped step (binomial schedules)
     recomputed_steps: int = 0
+    #: the memory budget (bytes) that chose ``schedule``, or None
+    memory_budget: int | None = None
+    #: one step's graph (bytes its autograd graph saves), measured before the forward under a budget
+    step_graph_bytes: int = 0
+    #: under a budget: the chosen schedule's predicted peak (states, checkpoints, graphs, replay records)
+    predicted_bytes: int = 0
+    #: under a budget: the peak of the same, measured on the tensors the schedule held
+    peak_bytes: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -107,20 +115,44 @@ class SavedTensorMeter:
     process-wide noise (RSS only grows and includes the allocator's caches).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, unique: bool = False, exclude=()) -> None:
+        """``unique``: count memory, not saves -- a tensor saved by several operations (or views of
+        one storage with the same extent) once, and tensors sharing memory with ``exclude`` (the
+        parameters, which exist anyway) not at all."""
         self.live = 0
         self.peak = 0
+        self.unique = unique
+        self._skip = {t.data_ptr() for t in exclude}
+        self._refs: dict = {}
 
     def _pack(self, tensor):
         box = _Box(tensor)
         n = tensor.numel() * tensor.element_size()
-        self.live += n
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(box, self._release, n)
+        if not self.unique:
+            self._add(n)
+            weakref.finalize(box, self._add, -n)
+            return box
+        if tensor.data_ptr() in self._skip:
+            return box
+        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
+        count = self._refs.get(key, 0)
+        self._refs[key] = count + 1
+        if not count:  # the memory is counted with the first save and freed with the last
+            self._add(n)
+        weakref.finalize(box, self._drop, key, n)
         return box
 
-    def _release(self, n):
-        self.live -= n
+    def _add(self, n):
+        self.live += n
+        self.peak = max(self.peak, self.live)
+
+    def _drop(self, key, n):
+        count = self._refs[key] - 1
+        if count:
+            self._refs[key] = count
+        else:
+            del self._refs[key]
+            self.live -= n
 
     @staticmethod
     def _unpack(box):

@@ -34,6 +34,8 @@ OPTIONS = {
     "adjoint_params": "tensors to differentiate when func is not an nn.Module owning them",
     "checkpoint": "what the forward keeps for the backward: 'steps' (default), 'graphs' (fixed grids), an integer c "
                   "(binomial, c stored states) or a rampde_plugins schedule object",
+    "memory_budget": "bytes or a size such as '512MB': rampde chooses the fastest schedule whose predicted peak fits "
+                     "(exclusive with checkpoint)",
 }
 # torchdiffeq hands these to every solver; a fixed grid has no use for them.
 _HOST_ARGS = ("rtol", "atol", "norm")
@@ -68,7 +70,10 @@ def parse_options(method: str, options) -> dict:
         raise TypeError(
             f"odeint(method={method!r}): options['scaler'] must be a rampde_plugins.AdjointScaler, got {type(out['scaler']).__name__}"
         )
-    out["checkpoint"] = checkpoint_schedule(out["checkpoint"], owner=f"odeint(method={method!r}): options['checkpoint']")
+    out["checkpoint"] = checkpoint_schedule(
+        out["checkpoint"], memory_budget=out.pop("memory_budget"),
+        owner=f"odeint(method={method!r}): options['checkpoint']",
+        budget_owner=f"odeint(method={method!r}): options['memory_budget']")
     prec = out["precision"]
     if prec is not None and not isinstance(prec, (str, PrecisionPolicy)):
         raise TypeError(

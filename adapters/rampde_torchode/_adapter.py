@@ -33,7 +33,7 @@ from rampde_plugins import HostAdapter, UnsupportedHostError, checkpoint_schedul
 PREFIX = "rampde_"
 
 # Keywords of rampde's own that solve_ivp accepts for rampde methods, passed on to RampdeAdjoint.
-_RAMPDE_SOLVE_OPTIONS = ("checkpoint",)
+_RAMPDE_SOLVE_OPTIONS = ("checkpoint", "memory_budget")
 _SOLVE_OPTIONS: contextvars.ContextVar[dict] = contextvars.ContextVar("rampde_solve_options", default={})
 
 # Tableaus torchode defines: registered by this plugin (shared with other hosts by name) and solved
@@ -158,8 +158,10 @@ class TorchodeAdapter(HostAdapter):
                     # No error estimate: fixed steps are this method's only mode (torchode's default
                     # PID controller would fail on it).  Embedded methods keep torchode's default.
                     bound.arguments["controller"] = torchode.FixedStepController()
-            if "checkpoint" in extra:  # validated here, before anything runs
-                checkpoint_schedule(extra["checkpoint"], owner=f"solve_ivp(method={method!r}, checkpoint=...)")
+            if extra:  # validated here, before anything runs
+                checkpoint_schedule(extra.get("checkpoint"), memory_budget=extra.get("memory_budget"),
+                                    owner=f"solve_ivp(method={method!r}, checkpoint=...)",
+                                    budget_owner=f"solve_ivp(method={method!r}, memory_budget=...)")
             token = _SOLVE_OPTIONS.set(extra)
             try:
                 return original_solve(*bound.args, **bound.kwargs)

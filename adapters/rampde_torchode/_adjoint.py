@@ -222,6 +222,8 @@ class RampdeAdjoint(torch.nn.Module):
             each step recomputed once), ``"graphs"`` (every step's graph, no recomputation; fixed
             steps), an integer ``c`` (binomial checkpointing with ``c`` stored states) or a
             ``rampde_plugins`` schedule object (``SegmentsSchedule(k)``, ...).
+        memory_budget: bytes or a size such as ``"512MB"`` instead of ``checkpoint``: the fastest
+            schedule whose predicted peak fits is chosen per solve (``stats["rampde"]`` says which).
 
     ``solve(problem, term=None, dt0=None, args=None)`` returns a torchode ``Solution``; its ``stats``
     has torchode's keys (``n_f_evals``, ``n_steps``, ``n_accepted``, ``n_initialized``) plus
@@ -229,10 +231,12 @@ class RampdeAdjoint(torch.nn.Module):
     """
 
     def __init__(self, step_method, step_size_controller, *, max_steps=None, precision=None, params=None,
-                 scaler=None, checkpoint=None, backprop_through_step_size_control=True):
+                 scaler=None, checkpoint=None, memory_budget=None, backprop_through_step_size_control=True):
         super().__init__()
         tableau_of(step_method)  # fail early on an unsupported method
-        self.checkpoint = checkpoint_schedule(checkpoint, owner="RampdeAdjoint(checkpoint=...)")
+        self.checkpoint = checkpoint_schedule(checkpoint, memory_budget=memory_budget,
+                                              owner="RampdeAdjoint(checkpoint=...)",
+                                              budget_owner="RampdeAdjoint(memory_budget=...)")
         if not self.checkpoint.adaptive_ok and not isinstance(step_size_controller, FixedStepController):
             raise ValueError(
                 f"RampdeAdjoint(checkpoint={checkpoint!r}) keeps every step's graph, which is available for fixed "

@@ -24,19 +24,20 @@ leave their state unchanged exactly).  Where outputs fall and how they are inter
 Modules, one job each: ``_steppers`` (one step and its kernels), ``_times`` (grids and stage-time
 tables), ``_outputs`` (output plans), ``_problem`` (the record a solve's forward and backward share),
 ``_drivers`` (fixed-grid and adaptive forward loops), ``_schedules`` (what the forward keeps for the
-backward: checkpoint schedules), ``_scaling`` (adjoint scaling), ``_adjoint`` (the reverse sweep and
+backward: checkpoint schedules), ``_budget`` (memory budgets: measure one step, choose a schedule), ``_scaling`` (adjoint scaling), ``_adjoint`` (the reverse sweep and
 the autograd Function), ``_api`` (the entry points below).
 """
 
 from ._api import solve_adaptive, solve_batched, solve_batched_adaptive, solve_grid
 from ._drivers import BatchedStepController, StepController
 from ._outputs import INTERPOLATIONS, BatchedOutputs
-from ._schedules import (BinomialSchedule, CheckpointSchedule, GraphsSchedule, SegmentsSchedule, StepsSchedule,
-                         checkpoint_schedule)
+from ._budget import MemoryBudget, checkpoint_schedule, parse_memory_budget
+from ._schedules import BinomialSchedule, CheckpointSchedule, GraphsSchedule, SegmentsSchedule, StepsSchedule
 from ._steppers import StepData
 
 __all__ = [
     "solve_grid", "solve_batched", "solve_adaptive", "solve_batched_adaptive", "StepController",
     "BatchedStepController", "BatchedOutputs", "StepData", "INTERPOLATIONS", "CheckpointSchedule",
     "StepsSchedule", "GraphsSchedule", "SegmentsSchedule", "BinomialSchedule", "checkpoint_schedule",
+    "MemoryBudget", "parse_memory_budget",
 ]

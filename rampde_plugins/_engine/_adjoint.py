@@ -16,6 +16,7 @@ import torch
 from ._drivers import _forward
 from ._problem import _Problem
 from ._scaling import make_scaling
+from ._budget import tape_nbytes
 from ._tape import Frame, Tape, build_tape, tape_inputs, tape_roots
 
 
@@ -44,6 +45,9 @@ class _Sweep:
         # host synchronisation per backward, e.g. a loss on an early part of the trajectory).
         self.last = prob.outputs.last_active_step(g)
         self.nfe = self.reversed = self.taped = self.recomputed = 0
+        # under a memory budget: bytes of the graphs alive (SolveStats.peak_bytes)
+        self.keeper, self.live, self.peak = None, prob.held_graph_bytes, 0
+        self.replay_bytes = prob.replay.stored_bytes() if prob.measure and prob.replay is not None else 0
         self.nfe_before = prob.nfe_extra  # end slopes of cubic outputs are counted there
 
     # -- what schedules call --------------------------------------------------------------------
@@ -52,7 +56,16 @@ class _Sweep:
         tape = build_tape(self.prob, self.frame, n0, n1, y, k0, replay=True)
         self.nfe += tape.nfe
         self.taped += n1 - n0
+        if self.prob.measure:
+            tape.nbytes = tape_nbytes(self.prob, tape)
+            self.live += tape.nbytes
+            self.note_peak()
         return tape
+
+    def note_peak(self) -> None:
+        """What the schedule holds now: its states and checkpoints, the graphs alive, the replay records."""
+        if self.keeper is not None:
+            self.peak = max(self.peak, self.keeper.nbytes() + self.live + self.replay_bytes)
 
     def advance(self, n: int, y, k0):
         """Step n without a graph, exactly as the forward ran it: (state, carried first stage) of n+1."""
@@ -97,6 +110,7 @@ class _Sweep:
         grads, inv = self.scaling.vjp(roots, inputs, cot, starts, f"step {n0}", self.state_dtype)
         del roots, cot, starts
         ys = tape.ys
+        self.live -= tape.nbytes
         entries = [entry for entry, _, _ in tape.outs]
         leaves_per_out = [tls for _, _, tls in tape.outs]
         tape.clear()
@@ -142,6 +156,8 @@ class _Sweep:
         rec.backward_steps += self.reversed
         rec.taped_steps += self.taped
         rec.recomputed_steps += self.recomputed
+        if prob.measure:
+            rec.peak_bytes = max(rec.peak_bytes, self.peak)
         rec.backward_done = True
         out = [(i, gp if hit else None) for i, gp, hit in zip(self.param_idx, self.g_params, self.touched)]
         return g_y0, self.g_grid, self.g_tout, out
@@ -153,6 +169,8 @@ def _backward(prob: _Problem, keeper, grid, t_out, params, grad_sol, needs):
     with replay.sweep() if replay is not None else contextlib.nullcontext():
         frame = Frame(prob, grid, t_out, grad_sol.new_empty(prob.y_shape), needs[1], needs[2])
         sweep = _Sweep(prob, frame, params, grad_sol, needs)
+        sweep.keeper = keeper
+        sweep.note_peak()
         keeper.reverse(sweep)
         prob.record.checkpoints = max(prob.record.checkpoints, keeper.checkpoints)
         return sweep.finish()

@@ -16,7 +16,7 @@ from ._adjoint import _HIGHER_ORDER, _apply
 from ._drivers import BatchedStepController, StepController, _adaptive_forward, _batched_adaptive_once, _forward
 from ._outputs import INTERPOLATIONS, BatchedOutputs, _SharedTimeOutputs
 from ._problem import _check_storage, _Problem, _with_replay
-from ._schedules import checkpoint_schedule
+from ._budget import MemoryBudget, checkpoint_schedule, resolve_budget
 from ._times import _check_time_dtype
 
 
@@ -267,6 +267,10 @@ def solve_batched_adaptive(
     needs_graph = grad_mode and (y0.requires_grad or outputs.t_eval.requires_grad or t_start.requires_grad
                                  or t_end.requires_grad or bool(diff_params))
     prob.watch = grad_mode and not needs_graph
+
+    if needs_graph and isinstance(prob.schedule, MemoryBudget):
+        ts = t_start.detach().to(time_dtype)
+        resolve_budget(prob, y0, torch.stack([ts, ts + 1e-3 * (t_end.detach().to(time_dtype) - ts)]), None)
 
     def run(replaying):
         return _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, max_steps,

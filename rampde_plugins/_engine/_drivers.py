@@ -10,12 +10,15 @@ from .._storage import ChunkedStore
 from ._problem import _check_storage, _Problem, _probe_first, _with_replay
 from ._steppers import StepData, _check_velocity, _lincomb
 from ._tape import Frame, build_tape, check_tape
+from ._budget import MemoryBudget, resolve_budget, tape_nbytes
 
 
 def _forward(prob: _Problem, y0, grid, t_out, *, keep: bool):
     """Run the grid forward without an adjoint graph (but for the tapes its schedule builds now).
 
     Returns (solution, the schedule's keeper or None)."""
+    if keep and isinstance(prob.schedule, MemoryBudget):
+        resolve_budget(prob, y0, grid[:2], prob.n_steps)
     schedule_replays = keep and prob.schedule.replays_steps(prob.n_steps)
     sol = _with_replay(prob, lambda replaying: _forward_once(prob, y0, grid, t_out, keep, replaying), schedule_replays)
     keeper = prob.keeper if keep else None
@@ -75,6 +78,9 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
                 for entry, values, _ in tape.outs:
                     outputs.write(sol, entry, [v.detach() for v in values])
                 y = tape.y_end.detach()
+                if prob.measure:
+                    tape.nbytes = tape_nbytes(prob, tape)
+                    prob.held_graph_bytes += tape.nbytes
                 keeper.put_tape(n, tape)
                 del tape
                 k0 = None
@@ -99,6 +105,8 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
     rec.taped_steps = taped
     rec.stored_bytes = 0 if keeper is None else keeper.nbytes()
     rec.checkpoints = 0 if keeper is None else keeper.checkpoints
+    if prob.measure and keeper is not None:
+        rec.peak_bytes = keeper.nbytes() + prob.held_graph_bytes + (prob.replay.stored_bytes() if replay else 0)
     return sol
 
 
@@ -137,6 +145,10 @@ def _adaptive_forward(prob: _Problem, y0, t_out, controller: StepController, pro
     """
     if prob.tableau.b_err is None:
         raise ValueError(f"method {prob.tableau.name!r} has no embedded error estimate; it cannot adapt its step size")
+    if probe and isinstance(prob.schedule, MemoryBudget):
+        t0 = t_out[0].detach()
+        span = (t_out[-1].detach() - t0) if t_out.numel() > 1 else torch.ones_like(t0)
+        resolve_budget(prob, y0, torch.stack([t0, t0 + 1e-3 * span]), None)
     # the adaptive drivers probe exactly when a backward may follow
     return _with_replay(prob, lambda replaying: _adaptive_forward_once(prob, y0, t_out, controller, probe, replaying),
                         probe and prob.schedule.replays_steps(None))
@@ -246,6 +258,7 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
         return sol, None, None
     keeper.end_forward(n)
     rec.stored_bytes, rec.checkpoints = keeper.nbytes(), keeper.checkpoints
+    _budget_record(prob, keeper)
     ends = grid.stack() if grid else t_out[:0]
     dtype = torch.promote_types(t_out.dtype, ends.dtype)
     return sol, keeper, torch.cat([t_out[:1].to(dtype), ends.to(dtype)])
@@ -376,4 +389,14 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
     if keeper is not None:
         keeper.end_forward(n)
         record.stored_bytes, record.checkpoints = keeper.nbytes(), keeper.checkpoints
+        _budget_record(prob, keeper)
     return sol, keeper, grid, anchors, info
+
+
+def _budget_record(prob, keeper) -> None:
+    """An adaptive solve under a memory budget: what it chose, known at the end of the forward."""
+    if not prob.measure:
+        return
+    rec = prob.record
+    rec.schedule, rec.predicted_bytes = keeper.resolved_name, keeper.predicted
+    rec.peak_bytes = keeper.nbytes() + (prob.replay.stored_bytes() if prob.replay is not None else 0)

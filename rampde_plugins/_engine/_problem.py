@@ -57,6 +57,9 @@ class _Problem:
     # time gradients the backward will be asked for (tapes built in the forward need their leaves)
     need_grid: bool = False
     need_tout: bool = False
+    # a memory budget chose the schedule: measure what it holds (SolveStats.peak_bytes)
+    measure: bool = False
+    held_graph_bytes: int = 0
 
     def __post_init__(self):
         if self.schedule is not None:

@@ -330,8 +330,7 @@ class _BinomialKeeper(Keeper):
 
     def reverse(self, sweep):
         self._once()
-        snaps, pending = self._snaps, self._tapes
-        self._snaps, self._tapes = {}, {}
+        snaps, pending = self._snaps, self._tapes  # kept on self while the sweep runs (nbytes)
         at, work = None, None  # position and (state, carried first stage) of the working copy
         started = not self.planned  # a planned stream's forward part already ran in the forward
         peak = len(snaps)
@@ -369,3 +368,4 @@ class _BinomialKeeper(Keeper):
             elif kind == "EndReverse":
                 break
         self.checkpoints = max(self.checkpoints, peak)
+        self._snaps, self._tapes = {}, {}

@@ -34,7 +34,7 @@ class Tape:
     outputs evaluated inside (``outs``: (entry, values, time leaves) per step)."""
 
     __slots__ = ("n0", "n1", "y_leaf", "k0_leaf", "pts", "y_end", "k_last", "outs", "ys", "mark",
-                 "nfe", "checked")
+                 "nfe", "checked", "nbytes")
 
     def clear(self) -> None:
         """Drop every reference into the graph (it is freed once the VJP has run)."""
@@ -51,7 +51,7 @@ def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, rep
     outputs, tab = prob.outputs, prob.tableau
     rp = prob.replay if replay and prob.replay is not None and prob.replay.active else None
     tape = Tape()
-    tape.n0, tape.n1, tape.nfe, tape.checked = n0, n1, 0, False
+    tape.n0, tape.n1, tape.nfe, tape.checked, tape.nbytes = n0, n1, 0, False, 0
     tape.mark = sequence_mark()  # autograd nodes numbered below were created before this tape
     keep_ys = prob.callback_step_adjoint is not None or prob.callback_accept_step_adjoint is not None
     with torch.enable_grad(), prob.graph_autocast():
