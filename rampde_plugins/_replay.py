@@ -94,17 +94,22 @@ class StepReplay:
     def detect(self) -> bool:
         """After the first evaluation: does the field draw random numbers or write buffers?"""
         self.rng = not self._same_rng(self._rng_state(), self._s0)
-        self.mutates = self._versions() != self._v0
+        self.mutates = self._written()
         return self.active
+
+    def _written(self) -> bool:
+        # Versions, and values too: BatchNorm's kernel writes its running statistics without
+        # bumping their version counters (a field calling F.batch_norm on its own buffers).
+        return self._versions() != self._v0 or any(not torch.equal(b, b0) for b, b0 in zip(self.buffers, self._b0))
 
     def changed_since_begin(self) -> bool:
         """At the end of a forward that was not replayed: did the field draw or write after all?"""
-        return not self._same_rng(self._rng_state(), self._s0) or self._versions() != self._v0
+        return not self._same_rng(self._rng_state(), self._s0) or self._written()
 
     def restart(self) -> None:
         """Put the generators and buffers back to the forward's start; replay from then on."""
         self.rng = not self._same_rng(self._rng_state(), self._s0)
-        self.mutates = self._versions() != self._v0
+        self.mutates = self._written()
         self._apply((self._s0, self._b0))
         self.tokens = {}
 

@@ -329,3 +329,35 @@ def test_encoder_output_as_parameter_flows_into_the_encoder(host):
     got = torch.autograd.grad(y.square().sum(), [*encoder.parameters(), *field.parameters()])
     for g, r in zip(got, ref):
         assert rel(g, r) < 1e-12
+
+
+class _FunctionalBatchNorm(torch.nn.Module):
+    """Running statistics written by F.batch_norm on the module's own buffers: the kernel does not
+    bump their version counters (and there is no num_batches_tracked that would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = torch.nn.Linear(3, 8), torch.nn.Linear(8, 3)
+        self.register_buffer("rm", torch.zeros(8))
+        self.register_buffer("rv", torch.ones(8))
+
+    def forward(self, t, y):
+        h = torch.nn.functional.batch_norm(self.lin(y), self.rm, self.rv, training=True, momentum=0.1)
+        return self.out(torch.tanh(h))
+
+
+@pytest.mark.parametrize("checkpoint", ["steps", 3, "graphs"])
+def test_buffers_written_without_version_bump_end_as_torchdiffeq_leaves_them(checkpoint):
+    def run(method, options):
+        torch.manual_seed(0)
+        f = _FunctionalBatchNorm().double()
+        y0 = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        y = odeint(f, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method=method,
+                   options={"step_size": 0.1, **options})
+        y.sum().backward()
+        return f.rm.clone(), f.rv.clone(), f.lin.weight.grad.clone()
+
+    ref = run("rk4", {})
+    got = run("rampde_rk4", {"checkpoint": checkpoint})
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)

@@ -47,7 +47,7 @@ class _Sweep:
         self.nfe = self.reversed = self.taped = self.recomputed = 0
         # under a memory budget: bytes of the graphs alive (SolveStats.peak_bytes)
         self.keeper, self.live, self.peak = None, prob.held_graph_bytes, 0
-        self.replay_bytes = prob.replay.stored_bytes() if prob.measure and prob.replay is not None else 0
+        self.extra_bytes = prob.held_extra_bytes() if prob.measure else 0
         self.nfe_before = prob.nfe_extra  # end slopes of cubic outputs are counted there
 
     # -- what schedules call --------------------------------------------------------------------
@@ -63,9 +63,10 @@ class _Sweep:
         return tape
 
     def note_peak(self) -> None:
-        """What the schedule holds now: its states and checkpoints, the graphs alive, the replay records."""
+        """What the schedule holds now: its states and checkpoints, the graphs alive, the time grid and
+        the replay records."""
         if self.keeper is not None:
-            self.peak = max(self.peak, self.keeper.nbytes() + self.live + self.replay_bytes)
+            self.peak = max(self.peak, self.keeper.nbytes() + self.live + self.extra_bytes)
 
     def advance(self, n: int, y, k0):
         """Step n without a graph, exactly as the forward ran it: (state, carried first stage) of n+1."""

@@ -270,7 +270,9 @@ def solve_batched_adaptive(
 
     if needs_graph and isinstance(prob.schedule, MemoryBudget):
         ts = t_start.detach().to(time_dtype)
-        resolve_budget(prob, y0, torch.stack([ts, ts + 1e-3 * (t_end.detach().to(time_dtype) - ts)]), None)
+        row = ts.numel() * (ts.element_size() + 1)  # one iteration's times and anchor flags
+        resolve_budget(prob, y0, torch.stack([ts, ts + 1e-3 * (t_end.detach().to(time_dtype) - ts)]), None,
+                       (outputs.t_eval.numel() * outputs.t_eval.element_size() + row, row))
 
     def run(replaying):
         return _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, max_steps,

@@ -7,14 +7,18 @@ so the solve sees them as if nothing had run) and measures what that graph saves
 With ``N`` steps known (fixed grids) the predicted peaks are
 
 =====================  =========================  ============================================
-schedule               predicted peak             chosen when
+schedule               predicted peak             steps run (forward and backward)
 =====================  =========================  ============================================
-``graphs``             ``N G``                    it fits: no recomputation
-``steps``              ``N S + G``                graphs do not fit
-``BinomialSchedule``   ``c S* + G``               steps do not fit; ``c`` the most that fit
+``graphs``             ``N G``                    ``N``: chosen whenever it fits
+``steps``              ``N S + G``                ``2 N``
+``BinomialSchedule``   ``c S* + G``               ``t(N, c) + N`` (revolve), ``c`` the most that fit
 =====================  =========================  ============================================
 
-and below ``S* + G`` (one checkpoint) the solve raises before anything runs.  With adaptive steps
+(plus the time grid and, for a field with random numbers or buffers, each step's replay record,
+which every schedule but ``graphs`` keeps).  Below graphs the least work wins, then the least
+memory: with ``c >= N - 1`` binomial runs ``2 N - 1`` steps, so it beats ``steps`` when its
+state-dtype checkpoints fit, and ``steps`` (storage dtype: half the bytes under bf16/fp16) is chosen
+when only its states fit.  Below ``S* + G`` (one checkpoint) the solve raises before anything runs.  With adaptive steps
 ``N`` is known only at the end of the forward: the forward stores states as ``steps`` does while
 they fit, and if they stop fitting it drops them (keeping ``y0``) and the backward runs binomial
 checkpointing with the most checkpoints that fit.  ``SolveStats`` reports the schedule that ran,
@@ -36,7 +40,7 @@ from ._schedules import checkpoint_schedule as _named_schedule
 from ._outputs import BatchedOutputs
 from ._tape import Frame, build_tape
 
-__all__ = ["MemoryBudget", "checkpoint_schedule", "parse_memory_budget", "graph_nbytes", "tape_nbytes",
+__all__ = ["MemoryBudget", "binomial_work", "checkpoint_schedule", "parse_memory_budget", "graph_nbytes", "tape_nbytes",
            "resolve_budget"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -102,33 +106,59 @@ class MemoryBudget(CheckpointSchedule):
     def keeper(self, n_steps, storage):  # pragma: no cover - resolved before any keeper is made
         raise RuntimeError("internal error: a memory budget is resolved into a schedule before the forward")
 
-    def resolve(self, n_steps: int | None, m: "StepMeasure", state: int, stored: int, counts, outputs):
+    def resolve(self, n_steps: int | None, m: "StepMeasure", state: int, stored: int, counts, outputs,
+                times: tuple[int, int] = (0, 0)):
         """(schedule, predicted peak bytes) for ``n_steps`` (None: adaptive, predicted at the end of
-        the forward) given one step's measure, one state's bytes in the state and the storage dtype
-        and the output evaluations of the steps with outputs (``counts``; None when adaptive)."""
+        the forward) given one step's measure, one state's bytes in the state and the storage dtype,
+        the output evaluations of the steps with outputs (``counts``; None when adaptive) and the
+        bytes of the time grid every schedule keeps (``times``: fixed part, bytes per step)."""
         budget, replay = self.budget, m.replay
         # the costliest single step (steps, binomial) and all steps (graphs), outputs included
         graph = m.graph + m.output * max(counts or [0])
         graphs = (n_steps or 0) * m.graph + m.output * sum(counts or [])
-        fixed = (n_steps or 0) * replay  # every recomputed step keeps its replay record
+        # every recomputed step keeps its replay record; every schedule keeps the time grid
+        fixed = (n_steps or 0) * (replay + times[1]) + times[0]
         if state + graph + fixed > budget:
-            replayed = (f" plus the replay records of {n_steps} steps ({_fmt(fixed)}: the field draws random "
-                        "numbers or writes buffers, which recomputed steps must see again)") if fixed else ""
+            held = f"the time grid ({_fmt(times[0] + (n_steps or 0) * times[1])})"
+            if replay and n_steps:
+                held += (f" and the replay records of {n_steps} steps ({_fmt(n_steps * replay)}: the field draws "
+                         "random numbers or writes buffers, which recomputed steps must see again)")
             raise ValueError(
                 f"memory_budget={_fmt(budget)} is below what even one checkpoint needs: one state "
-                f"({_fmt(state)}) plus one step's graph ({_fmt(graph)}){replayed} = {_fmt(state + graph + fixed)}. "
+                f"({_fmt(state)}) plus one step's graph ({_fmt(graph)}) plus {held} = {_fmt(state + graph + fixed)}. "
                 "Raise the budget to at least that, or make the problem smaller (batch, width), or solve "
                 "without a budget."
             )
         c_most = (budget - graph - fixed) // state
         if n_steps is None:
-            return _AdaptiveBudget(budget, m, state, outputs), None
-        if graphs <= budget:
-            return GraphsSchedule(), graphs
-        if n_steps * (stored + replay) + graph <= budget:
-            return StepsSchedule(), n_steps * (stored + replay) + graph
+            return _AdaptiveBudget(budget, m, state, outputs, times), None
+        grid = n_steps * times[1] + times[0]
+        if graphs + grid <= budget:
+            return GraphsSchedule(), graphs + grid
+        # Otherwise the least work (steps run, with or without a graph), then the least memory.
+        # Binomial with c >= N - 1 checkpoints recomputes nothing and tapes the last step in the
+        # forward, one step less than "steps": it wins when its state-dtype checkpoints fit, and
+        # "steps" (storage dtype, half the bytes under bf16/fp16) wins when only they fit.
+        candidates = []
+        if n_steps * stored + graph + fixed <= budget:
+            candidates.append((2 * n_steps, n_steps * stored + graph + fixed, StepsSchedule()))
         c = int(min(c_most, n_steps))
-        return BinomialSchedule(c), c * state + graph + fixed
+        candidates.append((binomial_work(n_steps, c), c * state + graph + fixed, BinomialSchedule(c)))
+        work, predicted, schedule = min(candidates, key=lambda w: w[:2])
+        return schedule, predicted
+
+
+def binomial_work(n_steps: int, c: int) -> int:
+    """Steps run by binomial checkpointing with ``c`` checkpoints over ``n_steps`` steps, forward
+    included: revolve's ``t(l, c) = r l - C(c + r, r - 1)`` advances (``r`` the least with
+    ``C(c + r, c) >= l``) plus ``l`` taped steps."""
+    c = max(1, min(c, n_steps - 1))
+    if n_steps <= 1:
+        return n_steps
+    r = 1
+    while math.comb(c + r, c) < n_steps:
+        r += 1
+    return r * n_steps - math.comb(c + r, r - 1) + n_steps
 
 
 class _AdaptiveBudget(CheckpointSchedule):
@@ -136,9 +166,10 @@ class _AdaptiveBudget(CheckpointSchedule):
 
     name = "budget"
 
-    def __init__(self, budget, measure: "StepMeasure", state, outputs):
+    def __init__(self, budget, measure: "StepMeasure", state, outputs, times):
         self.budget, self.measure, self.state, self.outputs = budget, measure, state, outputs
-        self.replay = measure.replay
+        # per step: the replay record and the accepted time(s); fixed: the output times
+        self.replay, self.fixed = measure.replay + times[1], times[0]
 
     def keeper(self, n_steps, storage):
         return _AdaptiveBudgetKeeper(self, storage)
@@ -182,7 +213,7 @@ class _AdaptiveBudgetKeeper(Keeper):
             return
         self._steps.keep(n, y, k0)
         s = self.schedule
-        if self._steps.nbytes() + self._y0_bytes() + (n + 1) * s.replay + self._graph(n) > s.budget:
+        if self._steps.nbytes() + self._y0_bytes() + (n + 1) * s.replay + s.fixed + self._graph(n) > s.budget:
             self._to_binomial()
         self.checkpoints = self.active.checkpoints
 
@@ -199,18 +230,18 @@ class _AdaptiveBudgetKeeper(Keeper):
         self.n_steps = n_steps
         s, graph = self.schedule, self._graph(n_steps)
         if self._steps is not None:
-            self.predicted = self._steps.nbytes() + self._y0_bytes() + n_steps * s.replay + graph
+            self.predicted = self._steps.nbytes() + self._y0_bytes() + n_steps * s.replay + s.fixed + graph
             if self.predicted <= s.budget:
                 self._steps.end_forward(n_steps)
                 self.checkpoints = self._steps.checkpoints
                 return
             self._to_binomial()  # the last steps' outputs made the states too many after all
-        replay = n_steps * s.replay
+        replay = n_steps * s.replay + s.fixed
         c_most = (s.budget - graph - replay) // s.state
         if c_most < 1:
             raise ValueError(
                 f"memory_budget={_fmt(s.budget)} cannot hold the backward of this adaptive solve: its "
-                f"{n_steps} steps keep {_fmt(replay)} to replay the field (random numbers, buffers), and one "
+                f"{n_steps} steps keep {_fmt(replay)} of times and replay records (random numbers, buffers), and one "
                 f"checkpoint ({_fmt(s.state)}) plus one step's graph ({_fmt(graph)}) do not fit beside it. "
                 "Raise the budget, loosen the tolerances (fewer steps) or solve without a budget."
             )
@@ -355,7 +386,9 @@ def measure_step(prob, y0: torch.Tensor, grid2: torch.Tensor) -> StepMeasure:
                 cuda_rng is not None and not torch.equal(torch.cuda.get_rng_state(y0.device), cuda_rng))
     finally:
         outputs.steps = planned
-        writes = [b._version != v for b, v in zip(buffers, versions)]
+        # (BatchNorm's kernel updates its running statistics without bumping their version
+        # counters: values are compared, not versions)
+        writes = [b._version != v or not torch.equal(b, s) for b, s, v in zip(buffers, saved, versions)]
         with torch.no_grad():
             for b, s, w in zip(buffers, saved, writes):
                 if w:
@@ -368,15 +401,18 @@ def measure_step(prob, y0: torch.Tensor, grid2: torch.Tensor) -> StepMeasure:
     return StepMeasure(graph, output, replay)
 
 
-def resolve_budget(prob, y0: torch.Tensor, grid2: torch.Tensor, n_steps: int | None) -> None:
-    """Replace the solve's :class:`MemoryBudget` by the schedule it chooses (see the module docstring)."""
+def resolve_budget(prob, y0: torch.Tensor, grid2: torch.Tensor, n_steps: int | None, times=(0, 0)) -> None:
+    """Replace the solve's :class:`MemoryBudget` by the schedule it chooses (see the module docstring).
+
+    ``times``: bytes of the time grid the backward keeps whatever the schedule (fixed part, per step)."""
     budget = prob.schedule
     m = measure_step(prob, y0, grid2)
     numel = y0.numel()
     state, stored = numel * prob.policy.state_dtype.itemsize, numel * prob.policy.storage.itemsize
     counts = None if n_steps is None else _output_counts(prob.outputs)
-    schedule, predicted = budget.resolve(n_steps, m, state, stored, counts, prob.outputs)
+    schedule, predicted = budget.resolve(n_steps, m, state, stored, counts, prob.outputs, times)
     prob.schedule, prob.measure = schedule, True
+    prob.time_bytes = times
     rec = prob.record
     rec.schedule, rec.memory_budget, rec.step_graph_bytes = schedule.name, budget.budget, m.graph
     rec.predicted_bytes = predicted or 0

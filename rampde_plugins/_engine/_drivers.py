@@ -18,7 +18,8 @@ def _forward(prob: _Problem, y0, grid, t_out, *, keep: bool):
 
     Returns (solution, the schedule's keeper or None)."""
     if keep and isinstance(prob.schedule, MemoryBudget):
-        resolve_budget(prob, y0, grid[:2], prob.n_steps)
+        resolve_budget(prob, y0, grid[:2], prob.n_steps,
+                       (grid.numel() * grid.element_size() + t_out.numel() * t_out.element_size(), 0))
     schedule_replays = keep and prob.schedule.replays_steps(prob.n_steps)
     sol = _with_replay(prob, lambda replaying: _forward_once(prob, y0, grid, t_out, keep, replaying), schedule_replays)
     keeper = prob.keeper if keep else None
@@ -106,7 +107,7 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
     rec.stored_bytes = 0 if keeper is None else keeper.nbytes()
     rec.checkpoints = 0 if keeper is None else keeper.checkpoints
     if prob.measure and keeper is not None:
-        rec.peak_bytes = keeper.nbytes() + prob.held_graph_bytes + (prob.replay.stored_bytes() if replay else 0)
+        rec.peak_bytes = keeper.nbytes() + prob.held_graph_bytes + prob.held_extra_bytes()
     return sol
 
 
@@ -148,7 +149,8 @@ def _adaptive_forward(prob: _Problem, y0, t_out, controller: StepController, pro
     if probe and isinstance(prob.schedule, MemoryBudget):
         t0 = t_out[0].detach()
         span = (t_out[-1].detach() - t0) if t_out.numel() > 1 else torch.ones_like(t0)
-        resolve_budget(prob, y0, torch.stack([t0, t0 + 1e-3 * span]), None)
+        item = torch.promote_types(t_out.dtype, y0.dtype).itemsize  # the accepted times' dtype
+        resolve_budget(prob, y0, torch.stack([t0, t0 + 1e-3 * span]), None, (t_out.numel() * t_out.element_size() + item, item))
     # the adaptive drivers probe exactly when a backward may follow
     return _with_replay(prob, lambda replaying: _adaptive_forward_once(prob, y0, t_out, controller, probe, replaying),
                         probe and prob.schedule.replays_steps(None))
@@ -399,4 +401,4 @@ def _budget_record(prob, keeper) -> None:
         return
     rec = prob.record
     rec.schedule, rec.predicted_bytes = keeper.resolved_name, keeper.predicted
-    rec.peak_bytes = keeper.nbytes() + (prob.replay.stored_bytes() if prob.replay is not None else 0)
+    rec.peak_bytes = keeper.nbytes() + prob.held_extra_bytes()

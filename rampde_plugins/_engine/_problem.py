@@ -60,6 +60,13 @@ class _Problem:
     # a memory budget chose the schedule: measure what it holds (SolveStats.peak_bytes)
     measure: bool = False
     held_graph_bytes: int = 0
+    time_bytes: tuple = (0, 0)  # the time grid kept for the backward: fixed bytes, bytes per step
+
+    def held_extra_bytes(self) -> int:
+        """What a budgeted solve holds besides states and graphs: its time grid, its replay records."""
+        fixed, per_step = self.time_bytes
+        replay = self.replay.stored_bytes() if self.replay is not None and self.replay.active else 0
+        return fixed + per_step * self.record.n_steps + replay
 
     def __post_init__(self):
         if self.schedule is not None:

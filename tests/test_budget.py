@@ -1,0 +1,251 @@
+"""Memory budgets (issue 11, item 3): rampde chooses the fastest schedule whose predicted peak fits.
+
+What is checked, and against what:
+* the chosen schedule's peak, measured independently of rampde's own accounting by the saved-tensor
+  meter (unique memory, parameters excluded; binomial checkpoints are not saved tensors, so their
+  count times a state's bytes is added) stays within the budget, for budgets from "all graphs fit"
+  down to "two checkpoints";
+* the work (field evaluations, forward + backward) never grows as the budget grows -- the
+  deterministic side of "time decreases with the budget" (the timings are in the benchmark);
+* every budget gives the gradient of the unbudgeted solve (fp64, 1e-12) and of torchdiffeq's own
+  backprop; a field with dropout and BatchNorm draws and writes exactly what it does without a
+  budget (the measuring step puts the generators and buffers back);
+* too small a budget raises with the numbers and changes nothing; bad values raise naming the option.
+"""
+
+import pytest
+import torch
+import torchode as to
+from torchdiffeq import odeint
+
+from rampde_plugins import MemoryBudget, collect_stats, parse_memory_budget
+from rampde_plugins._engine._budget import binomial_work
+from rampde_torchode import RampdeAdjoint
+from rampde_plugins._stats import SavedTensorMeter
+
+from .helpers import MLPField, rel
+
+N = 40
+
+
+def _field(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return MLPField(dim=3, hidden=32, dtype=dtype, seed=seed)
+
+
+def _y0(dtype=torch.float64):
+    return torch.randn(8, 3, dtype=dtype, generator=torch.Generator().manual_seed(1))
+
+
+def _solve(field, options, *, method="rampde_rk4", t=(0.0, 1.0), meter=False, **kw):
+    y0 = _y0().requires_grad_(True)
+    for p in field.parameters():
+        p.grad = None
+    m = SavedTensorMeter(unique=True, exclude=list(field.parameters())) if meter else None
+    with collect_stats() as stats:
+        if m is not None:
+            m.__enter__()
+        try:
+            y = odeint(field, y0, torch.tensor(t, dtype=torch.float64), method=method, options=options, **kw)
+            y.sum().backward()  # a loss that saves nothing of its own
+        finally:
+            if m is not None:
+                m.__exit__(None, None, None)
+    grads = torch.cat([y0.grad.reshape(-1), *(p.grad.reshape(-1) for p in field.parameters())])
+    return grads, (stats.last if len(stats) else None), m
+
+
+def _ladder(field, options=None, state=None):
+    """Budgets from "all graphs fit" down to "two checkpoints", from one measuring solve."""
+    options = options or {"step_size": 1.0 / N}
+    _, rec, _ = _solve(field, {**options, "memory_budget": "1GB"})
+    g, state = rec.step_graph_bytes, state or _y0().numel() * 8
+    times = (N + 1) * 8 + 2 * 8  # the grid and the output times, kept by every schedule
+    assert rec.schedule == "graphs" and g > 0
+    return [times + b for b in (N * g, N * g - 1, 20 * state + g, 12 * state + g, 5 * state + g, 2 * state + g)]
+
+
+def _check_peak(rec, meter, budget, state_bytes):
+    assert rec.memory_budget == budget and rec.backward_done
+    assert rec.predicted_bytes <= budget and rec.peak_bytes <= budget
+    held = meter.peak + (rec.checkpoints * state_bytes if rec.schedule == "binomial" else 0)
+    # the meter also sees a few 0-d tensors (step sizes, weights) that rampde does not count
+    assert held <= budget + 256, (budget, rec.schedule, meter.peak, rec.peak_bytes)
+    # rampde's own measurement agrees with the meter's (the same tensors, counted independently)
+    assert abs(held - rec.peak_bytes) <= 0.02 * rec.peak_bytes + 256
+
+
+def test_budget_ladder_peak_within_budget_work_monotone_gradients_identical():
+    field = _field()
+    ref, _, _ = _solve(field, {"step_size": 1.0 / N})
+    host, _, _ = _solve(field, {"step_size": 1.0 / N}, method="rk4")  # torchdiffeq's own backprop
+    assert rel(ref, host) <= 1e-12
+    chosen, work = [], []
+    for budget in _ladder(field):
+        got, rec, meter = _solve(field, {"step_size": 1.0 / N, "memory_budget": budget}, meter=True)
+        assert rel(got, ref) <= 1e-12, (budget, rec.schedule)
+        _check_peak(rec, meter, budget, _y0().numel() * 8)
+        chosen.append((rec.schedule, rec.checkpoints))
+        work.append(rec.forward_nfe + rec.backward_nfe)
+        # the record's work is revolve's closed form (4 evaluations a step, 4 more for measuring)
+        steps_run = N if rec.schedule == "graphs" else binomial_work(N, rec.checkpoints)
+        assert rec.forward_nfe + rec.backward_nfe == 4 * steps_run + 4
+    # fp64: storage is the state dtype, so binomial with N - 1 checkpoints (one step less than
+    # "steps", and less memory) is chosen below "graphs"; then ever fewer checkpoints
+    assert chosen == [("graphs", 0), ("binomial", N - 1), ("binomial", 20), ("binomial", 12), ("binomial", 5),
+                      ("binomial", 2)]
+    # less memory, never less work
+    assert work == sorted(work) and work[0] < work[1] < work[2]
+
+
+def test_bf16_budget_chooses_steps_when_only_narrow_states_fit():
+    """Under bf16 the stored states are half a state's bytes: between "graphs" and binomial with
+    N - 1 checkpoints, "steps" is the fastest that fits."""
+    field = _field(dtype=torch.float32)
+    y0 = _y0(torch.float32)
+    t = torch.tensor([0.0, 1.0])
+
+    def run(budget):
+        for p in field.parameters():
+            p.grad = None
+        meter = SavedTensorMeter(unique=True, exclude=list(field.parameters()))
+        with collect_stats() as stats, meter:
+            y = odeint(field, y0.clone().requires_grad_(True), t, method="rampde_rk4",
+                       options={"step_size": 1.0 / N, "precision": "bf16", "memory_budget": budget})
+            y.sum().backward()
+        return torch.cat([p.grad.reshape(-1) for p in field.parameters()]), stats.last, meter
+
+    _, rec, _ = run("1GB")
+    g, state, stored = rec.step_graph_bytes, y0.numel() * 4, y0.numel() * 2
+    times = (N + 1) * 4 + 2 * 4
+    budget = times + N * stored + g
+    assert budget < times + (N - 1) * state + g  # binomial(N - 1) does not fit
+    got, rec, meter = run(budget)
+    assert rec.schedule == "steps"
+    _check_peak(rec, meter, budget, state)
+    ref, _, _ = run(None)
+    # The same steps run with the same stored bf16 states: the same gradient (to fp32 rounding of
+    # the order-independent sums).
+    assert rel(got, ref) <= 1e-6
+
+
+def test_adaptive_budget_steps_when_states_fit_binomial_otherwise():
+    field = _field()
+    kw = {"method": "rampde_dopri5", "t": (0.0, 0.4, 1.0), "rtol": 1e-7, "atol": 1e-9}
+    ref, base, _ = _solve(field, {}, **kw)
+    _, big, _ = _solve(field, {"memory_budget": "1GB"}, **kw)
+    assert big.schedule == "steps" and big.peak_bytes <= big.predicted_bytes + 0
+    state = _y0().numel() * 8
+    budget = 3 * state + big.step_graph_bytes + 2 * big.predicted_bytes // 3 - 2 * big.step_graph_bytes // 3
+    budget = max(budget, 3 * state + big.step_graph_bytes * 2)
+    small = min(budget, big.predicted_bytes - 1)
+    got, rec, meter = _solve(field, {"memory_budget": small}, meter=True, **kw)
+    assert rel(got, ref) <= 1e-12
+    assert rec.schedule == "binomial" and rec.n_steps == base.n_steps
+    assert rec.peak_bytes <= small and rec.predicted_bytes <= small
+    assert meter.peak + rec.checkpoints * state <= small + 256
+    assert rec.recomputed_steps > 0
+
+
+def test_torchode_budget_fixed_and_adaptive():
+    field = MLPField(dim=3, hidden=16, batched_time=True)
+    y0 = _y0()
+    t_eval = torch.linspace(0, 1, 4, dtype=torch.float64).repeat(y0.shape[0], 1)
+
+    def grads(**kw):
+        for p in field.parameters():
+            p.grad = None
+        term = to.ODETerm(field)
+        with collect_stats() as stats:
+            sol = to.solve_ivp(term, y0, t_eval, **kw)
+            sol.ys.sum().backward()
+        return torch.cat([p.grad.reshape(-1) for p in field.parameters()]), stats.last
+
+    fixed = {"method": "rampde_rk4", "controller": to.FixedStepController(), "dt0": torch.full((8,), 0.05, dtype=torch.float64)}
+    ref, _ = grads(**fixed)
+    got, rec = grads(**fixed, memory_budget="1GB")
+    assert rel(got, ref) <= 1e-12 and rec.schedule == "graphs" and rec.peak_bytes <= rec.predicted_bytes
+    budget = rec.predicted_bytes // 4  # a quarter of all graphs: binomial
+    got, rec = grads(**fixed, memory_budget=budget)
+    assert rel(got, ref) <= 1e-12 and rec.schedule == "binomial" and rec.peak_bytes <= budget
+    adaptive = {"method": "rampde_dopri5"}
+    ref, base = grads(**adaptive)
+    got, rec = grads(**adaptive, memory_budget="1GB")
+    assert rel(got, ref) <= 1e-12 and rec.schedule == "steps"
+    got, rec = grads(**adaptive, memory_budget=rec.predicted_bytes - 1)  # the states no longer fit
+    assert rel(got, ref) <= 1e-12 and rec.schedule == "binomial" and rec.peak_bytes <= rec.memory_budget
+
+
+class _DropBN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 16)
+        self.bn = torch.nn.BatchNorm1d(16)
+        self.out = torch.nn.Linear(16, 3)
+
+    def forward(self, t, y):
+        return self.out(torch.nn.functional.dropout(torch.tanh(self.bn(self.lin(y))), 0.2, training=True))
+
+
+def test_measuring_step_leaves_rng_and_buffers_as_without_budget():
+    def run(options):
+        torch.manual_seed(3)
+        field = _DropBN().double()
+        y0 = _y0().requires_grad_(True)
+        torch.manual_seed(5)
+        y = odeint(field, y0, torch.tensor([0.0, 0.5], dtype=torch.float64), method="rampde_rk4",
+                   options={"step_size": 0.05, **options})
+        y.square().sum().backward()
+        after = torch.rand(3)  # the generator continues where it would have
+        return y.detach(), y0.grad, [b.clone() for b in field.buffers()], after
+
+    ref = run({})
+    for budget in ("1GB", 80_000):
+        with collect_stats() as stats:
+            got = run({"memory_budget": budget})
+        assert torch.equal(got[0], ref[0]) and rel(got[1], ref[1]) <= 1e-12
+        assert all(torch.equal(a, b) for a, b in zip(got[2], ref[2])) and torch.equal(got[3], ref[3])
+        assert stats.last.replayed == (stats.last.schedule != "graphs")
+
+
+def test_too_small_budget_raises_with_numbers_and_changes_nothing():
+    torch.manual_seed(3)
+    field = _DropBN().double()
+    before = {k: v.clone() for k, v in field.state_dict().items()}
+    rng = torch.get_rng_state()
+    y0 = _y0().requires_grad_(True)
+    with pytest.raises(ValueError, match=r"memory_budget=.*below what even one checkpoint needs.*one state \(192 bytes\)"):
+        odeint(field, y0, torch.tensor([0.0, 0.5], dtype=torch.float64), method="rampde_rk4",
+               options={"step_size": 0.05, "memory_budget": 1000})
+    assert all(torch.equal(v, field.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(torch.get_rng_state(), rng) and y0.grad is None
+
+
+@pytest.mark.parametrize("text, nbytes", [("512MB", 512 * 10**6), ("1.5 GiB", int(1.5 * 2**30)), ("64kib", 65536),
+                                          ("100", 100), (2048, 2048), ("1e3 B", 1000)])
+def test_sizes(text, nbytes):
+    assert parse_memory_budget(text) == nbytes
+
+
+@pytest.mark.parametrize("bad, err, match", [("12 parsecs", ValueError, "not a size.*units"), ("-5MB", ValueError, "not a size"),
+                                             (0, ValueError, "at least 1 byte"), (True, TypeError, "number of bytes"),
+                                             ([1], TypeError, "number of bytes"), (float("nan"), ValueError, "at least 1")])
+def test_bad_budgets_name_the_option(bad, err, match):
+    field = _field()
+    with pytest.raises(err, match=r"options\['memory_budget'\].*" + match):
+        odeint(field, _y0(), torch.tensor([0.0, 1.0], dtype=torch.float64), method="rampde_rk4",
+               options={"step_size": 0.1, "memory_budget": bad})
+    with pytest.raises(err, match=r"RampdeAdjoint\(memory_budget=...\)"):
+        RampdeAdjoint(to.Euler(to.ODETerm(field)), to.FixedStepController(), memory_budget=bad)
+
+
+def test_budget_and_checkpoint_are_exclusive():
+    field = _field()
+    with pytest.raises(ValueError, match="both choose the checkpoint schedule"):
+        odeint(field, _y0(), torch.tensor([0.0, 1.0], dtype=torch.float64), method="rampde_rk4",
+               options={"step_size": 0.1, "memory_budget": "1MB", "checkpoint": 3})
+    term = to.ODETerm(field)
+    with pytest.raises(ValueError, match="both choose the checkpoint schedule"):
+        to.solve_ivp(term, _y0(), torch.linspace(0, 1, 3, dtype=torch.float64).repeat(8, 1), method="rampde_rk4",
+                     dt0=torch.full((8,), 0.1, dtype=torch.float64), memory_budget="1MB", checkpoint="graphs")
+    assert repr(MemoryBudget("2KiB")) == "MemoryBudget(2048)"
