@@ -39,6 +39,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -76,8 +77,11 @@ def _final(sol):
 
 
 def _torchdiffeq(method: str = "rk4", *, adjoint: bool = False, autocast: str | None = None,
-                 precision: str | None = None):
-    """A solve through ``torchdiffeq.odeint`` (or ``odeint_adjoint``) on the case's fixed grid."""
+                 precision: str | None = None, checkpoint=None, budget: Callable | None = None):
+    """A solve through ``torchdiffeq.odeint`` (or ``odeint_adjoint``) on the case's fixed grid.
+
+    ``checkpoint``: rampde's option (``"sqrt"``: binomial with ceil(sqrt(N)) checkpoints);
+    ``budget(case, func, device, options) -> bytes``: a ``memory_budget`` worked out for the case."""
 
     def make(case, func, device):
         import rampde_plugins  # noqa: F401  (installs the rampde_* methods into torchdiffeq)
@@ -87,6 +91,10 @@ def _torchdiffeq(method: str = "rk4", *, adjoint: bool = False, autocast: str | 
         options = {"step_size": case.step_size}
         if precision is not None:
             options["precision"] = precision
+        if checkpoint is not None:
+            options["checkpoint"] = math.ceil(math.sqrt(case.n_steps)) if checkpoint == "sqrt" else checkpoint
+        if budget is not None:
+            options["memory_budget"] = budget(case, func, device, dict(options))
         kwargs = {"method": method, "options": options}
         if adjoint:
             kwargs["adjoint_options"] = {"step_size": case.step_size}
@@ -162,6 +170,12 @@ def _torchode(step_method: Callable | None = None, rampde_precision: str | None 
     return make
 
 
+def _segments(k):
+    from rampde_plugins import SegmentsSchedule
+
+    return SegmentsSchedule(k)
+
+
 @dataclass(frozen=True)
 class Config:
     name: str
@@ -182,7 +196,59 @@ CONFIGS = [
     Config("rampde_rk4 fp32 (torchode)", _torchode(rampde_precision="fp32")),
     Config("rampde_rk4 bf16 (torchode)", _torchode(rampde_precision="bf16"), "bf16"),
 ]
-CONFIG_BY_NAME = {c.name: c for c in CONFIGS}
+
+
+def _budget(fraction: float | None = None, checkpoints: int | None = None):
+    """A memory budget for the case: ``fraction`` of what keeping every step's graph needs, or room
+    for ``checkpoints`` states beside one step's graph -- from rampde's own measurement of one step
+    (a solve with an unlimited budget reports it), so the budget means the same on every machine."""
+
+    def budget(case, func, device, options):
+        import rampde_plugins
+        from torchdiffeq import odeint
+
+        t = torch.tensor([0.0, case.t1], device=device)
+        with rampde_plugins.collect_stats() as stats:
+            _final(odeint(func, case.y0, t, method="rampde_rk4", options={**options, "memory_budget": 2**50}))
+        rec = stats.last
+        all_graphs = rec.predicted_bytes
+        times = all_graphs - case.n_steps * rec.step_graph_bytes
+        state = sum(y.numel() * 4 for y in (case.y0 if isinstance(case.y0, tuple) else (case.y0,)))
+        least = times + 2 * state + rec.step_graph_bytes  # two checkpoints: the ladder's floor
+        if fraction is not None:
+            # (the floor matters only for the one-step warm-up solve, where 1/8 of one graph is
+            # below any schedule)
+            return max(int(fraction * all_graphs), least)
+        return times + checkpoints * state + rec.step_graph_bytes
+
+    return budget
+
+
+# The schedules study (--study schedules): issue 11's memory/time trade-off, same harness.
+SCHEDULE_CONFIGS = [
+    Config("torchdiffeq fp32", _torchdiffeq(), stores_activations=True),
+    Config("torchdiffeq autocast bf16", _torchdiffeq(autocast="bf16"), "bf16", stores_activations=True),
+    Config("rampde fp32 steps", _torchdiffeq("rampde_rk4", precision="fp32")),
+    Config("rampde fp32 graphs", _torchdiffeq("rampde_rk4", precision="fp32", checkpoint="graphs"), stores_activations=True),
+    Config("rampde fp32 c=sqrt(N)", _torchdiffeq("rampde_rk4", precision="fp32", checkpoint="sqrt")),
+    Config("rampde fp32 c=2", _torchdiffeq("rampde_rk4", precision="fp32", checkpoint=2)),
+    Config("rampde bf16 steps", _torchdiffeq("rampde_rk4", precision="bf16"), "bf16"),
+    Config("rampde bf16 graphs", _torchdiffeq("rampde_rk4", precision="bf16", checkpoint="graphs"), "bf16",
+           stores_activations=True),
+    Config("rampde bf16 c=sqrt(N)", _torchdiffeq("rampde_rk4", precision="bf16", checkpoint="sqrt"), "bf16"),
+]
+SEGMENT_CONFIGS = [  # problem (b) only: the per-step overhead lever
+    Config(f"rampde fp32 segments({k})", _torchdiffeq("rampde_rk4", precision="fp32", checkpoint=_segments(k)))
+    for k in (4, 16, 64)
+]
+BUDGET_CONFIGS = [  # problem (a) only: memory_budget from "all graphs fit" down to two checkpoints
+    Config(f"rampde fp32 budget {label}", _torchdiffeq("rampde_rk4", precision="fp32", budget=b))
+    for label, b in (("all graphs", _budget(fraction=1.0)), ("1/2 graphs", _budget(fraction=0.5)),
+                     ("1/8 graphs", _budget(fraction=0.125)), ("10 checkpoints", _budget(checkpoints=10)),
+                     ("4 checkpoints", _budget(checkpoints=4)), ("2 checkpoints", _budget(checkpoints=2)))
+]
+SCHEDULE_PROBLEMS = {"a": None, "a400": 400, "b": None}  # a400: problem (a)'s field at 400 steps
+CONFIG_BY_NAME = {c.name: c for c in CONFIGS + SCHEDULE_CONFIGS + SEGMENT_CONFIGS + BUDGET_CONFIGS}
 
 
 # == The worker: one job in the current (fresh) process ==============================================
@@ -395,6 +461,11 @@ def skip_reason(config: Config, problem: str, device: torch.device, probe: dict)
         return (f"fp16 on this CPU is emulated: 1024x512 @ 512x64 (1 thread) takes {probe['fp16']:.1f} ms in fp16 vs "
                 f"{probe['bf16']:.2f} ms in bf16 ({probe['fp16'] / probe['bf16']:.0f}x); on the CPU fp16 runs "
                 "only on the small problems " + ", ".join(f"({k})" for k, p in PROBLEMS.items() if p.cpu_fp16))
+    small = problem in PROBLEMS and PROBLEMS[problem].cpu_fp16
+    if config.compute == "bf16" and device.type == "cpu" and probe["bf16"] > 2 * probe["fp32"] and not small:
+        return (f"bf16 on this CPU is emulated: 1024x512 @ 512x64 (1 thread) takes {probe['bf16']:.1f} ms in bf16 vs "
+                f"{probe['fp32']:.2f} ms in fp32 ({probe['bf16'] / probe['fp32']:.0f}x); a bf16 time here says nothing "
+                "about bf16 hardware")
     if config.compute == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16"
     return None
@@ -461,6 +532,152 @@ def bench_scaling(runner: Runner, probe: dict) -> dict:
             table[spec["config"]][spec["n_steps"]] = res
     return {"title": "problem (a) vs the number of steps N", "steps": list(steps), "mem_budget_gib": runner.args.mem_budget_gib,
             "configs": {name: {str(n): r for n, r in rows.items()} for name, rows in table.items()}}
+
+
+def binomial_work(n_steps: int, c: int) -> int:
+    """Steps run by binomial checkpointing (revolve: t(l, c) = r l - C(c + r, r - 1) advances plus
+    l taped steps, r the least with C(c + r, c) >= l)."""
+    r = 0
+    while math.comb(c + r, c) < n_steps:
+        r += 1
+    return (r * n_steps - math.comb(c + r, r - 1) if r else 0) + n_steps
+
+
+def bench_schedules(runner: Runner, probe: dict) -> dict:
+    """The schedules study: problem (a) at 50 and 400 steps and (b), each schedule beside its peers."""
+    smoke = runner.args.smoke
+    jobs, tables, out = [], {}, {}
+    for key, n in SCHEDULE_PROBLEMS.items():
+        problem = "e" if n else key
+        n = (8 if smoke else n) if n else None
+        configs = SCHEDULE_CONFIGS + (SEGMENT_CONFIGS if key == "b" else []) + (BUDGET_CONFIGS if key == "a" else [])
+        ref = runner.tmp / f"ref-s-{key}.pt"
+        jobs.append(runner.spec(problem, kind="reference", ref=ref, n_steps=n) | {"study_key": key})
+        tables[key] = {}
+        for c in configs:
+            reason = skip_reason(c, problem, runner.device, probe)
+            if reason is None and c.name.endswith("c=2") and (n or 0) > 100:
+                # revolve's t(400, 2) = 7146 recomputed steps: ~9x the work of "steps", minutes an iteration
+                reason = f"c=2 at N={n}: {binomial_work(n, 2) - n} recomputed steps ({binomial_work(n, 2) / (2 * n):.1f}x the steps of 'steps'); not timed"
+            if reason:
+                tables[key][c.name] = skipped(reason)
+            else:
+                jobs.append(runner.spec(problem, config=c.name, ref=ref, n_steps=n) | {"study_key": key})
+        case = build_case(problem, smoke=smoke, device="cpu", n_steps=n)
+        title = PROBLEMS["a" if problem == "e" else key].title
+        if n:
+            title = title.replace("50 steps", f"{case.n_steps} steps")
+        out[key] = {"title": title, "n_steps": case.n_steps, "step_size": case.step_size,
+                    "order": [c.name for c in configs]}
+    for spec, res in zip(jobs, runner.run(jobs)):
+        if spec["kind"] == "reference":
+            out[spec["study_key"]]["reference"] = res
+        else:
+            tables[spec["study_key"]][spec["config"]] = res
+    for key, p in out.items():
+        p["configs"] = {name: tables[key][name] for name in p.pop("order")}
+    return out
+
+
+def _schedule_cells(r) -> str:
+    """Schedule, checkpoints, recomputed steps and (under a budget) predicted/measured peak, from rampde's stats."""
+    recs = r.get("rampde_stats") or []
+    if not recs:
+        return "| - | - | - |"
+    s = recs[0]
+    name = s["schedule"] + (f"({s['checkpoints']})" if s["schedule"] == "binomial" else "")
+    budget = "-"
+    if s.get("memory_budget"):
+        budget = (f"{s['memory_budget'] / 2**20:.2f} / {s['predicted_bytes'] / 2**20:.2f} / "
+                  f"{s['peak_bytes'] / 2**20:.2f}")
+    return f"| {name} | {s['recomputed_steps']} | {budget} |"
+
+
+def render_schedules(results: dict) -> str:
+    m = results["machine"]
+    load = results["load_average"]
+    smoke = ", SMOKE sizes: checks the plumbing, the figures mean nothing" if results["settings"]["smoke"] else ""
+    lines = [f"# rampde checkpoint schedules: memory vs time ({m['device']}{smoke})", "",
+             f"torch {m['torch']}, torchdiffeq {m['torchdiffeq']}, torchode {m['torchode']}, rampde-plugins "
+             f"{m['rampde_plugins']}; {m['processor']}, {m['threads']} threads; python {m['python']}.",
+             f"Load average (1 min) at start/end: {load['start'][0]:.2f} / {load['end'][0]:.2f}." if load.get("start") and load.get("end") else "",
+             "Same harness and measurements as the benchmark suite (fresh process per row; peak memory growth of the "
+             f"first full-size iteration: {results['memory_measure']}). Schedule/recomputed: from rampde's SolveStats; "
+             "budget columns: memory_budget / predicted peak / measured peak of what the schedule held, MiB.",
+             "matmul 1024x512 @ 512x64 (fastest of repeats): " + ", ".join(
+                 f"{k} {v:.2f} ms" for k, v in results["matmul_probe_ms"].items() if k != "threads"), ""]
+    header = ["| config | ms/iter median [min-max] | time vs torchdiffeq fp32 | peak mem MiB | mem vs torchdiffeq fp32 "
+              "| grad rel err | fwd/bwd NFE | schedule | recomputed | budget / predicted / peak MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, p in results["schedules"].items():
+        lines += [f"## ({key}) {p['title']}", "", f"{p['n_steps']} RK4 steps, h = {p['step_size']:.4g}.", "", *header]
+        base = p["configs"].get(BASELINE)
+        for name, r in p["configs"].items():
+            row = _fmt_row(name, r, base)
+            lines.append(row + (_schedule_cells(r)[1:] if r["status"] == "ok" else " | | |"))
+        lines.append("")
+    lines += ["## Targets (reported, not asserted)", ""]
+    for t in results["targets"]:
+        if t["met"] is None:
+            lines.append(f"- ({t['problem']}) {t['target']}: not measured" + (f" ({t['why']})" if t.get("why") else ""))
+        else:
+            lines.append(f"- ({t['problem']}) {t['target']}: measured {t['value']:.3g} (bound {t['bound']:.3g}) -> "
+                         f"{'met' if t['met'] else 'MISSED'}")
+    return "\n".join(lines) + "\n"
+
+
+def schedule_targets(results: dict) -> list[dict]:
+    """Issue 11's targets on the schedules study (reported, never asserted)."""
+    targets = []
+    tables = results["schedules"]
+
+    def get(problem, name):
+        r = tables.get(problem, {}).get("configs", {}).get(name)
+        return r if r and r["status"] == "ok" else None
+
+    def add(problem, text, value_fn, names, bound, upper=True):
+        rs = [get(problem, n) for n in names]
+        if any(r is None for r in rs):
+            missing = [tables.get(problem, {}).get("configs", {}).get(n) for n, r in zip(names, rs) if r is None]
+            why = "; ".join(sorted({m["reason"][:90] for m in missing if m}))
+            targets.append({"problem": problem, "target": text, "value": None, "met": None, "why": why})
+            return
+        value = value_fn(*rs)
+        targets.append({"problem": problem, "target": text, "value": value, "bound": bound,
+                        "met": bool(value <= bound if upper else value >= bound)})
+
+    for p in ("a", "a400"):
+        add(p, '"graphs" bf16 time <= 0.6x torchdiffeq fp32', lambda a, b: _ms(a) / _ms(b), ["rampde bf16 graphs", BASELINE], 0.6)
+        add(p, '"graphs" bf16 time <= 1.1x torchdiffeq autocast bf16', lambda a, b: _ms(a) / _ms(b),
+            ["rampde bf16 graphs", "torchdiffeq autocast bf16"], 1.1)
+        add(p, '"graphs" bf16 gradient error <= 5e-3', lambda a: a["grad_rel_err"], ["rampde bf16 graphs"], 5e-3)
+        add(p, "c = ceil(sqrt(N)) bf16 memory growth <= 1/100 of torchdiffeq fp32", lambda a, b: _mem(a) / _mem(b),
+            ["rampde bf16 c=sqrt(N)", BASELINE], 0.01)
+        add(p, '(fp32 stand-in) "graphs" fp32 time vs torchdiffeq fp32', lambda a, b: _ms(a) / _ms(b),
+            ["rampde fp32 graphs", BASELINE], 1.1)
+        add(p, "(fp32 stand-in) c = ceil(sqrt(N)) fp32 memory growth <= 1/100 of torchdiffeq fp32",
+            lambda a, b: _mem(a) / _mem(b), ["rampde fp32 c=sqrt(N)", BASELINE], 0.01)
+    seg = [c.name for c in SEGMENT_CONFIGS] + ["rampde fp32 steps", "rampde fp32 graphs"]
+    best = [n for n in seg if get("b", n)]
+    if best:
+        fastest = min(best, key=lambda n: _ms(get("b", n)))
+        add("b", f"best schedule ({fastest}) fp32 time <= 1.1x torchdiffeq fp32", lambda a, b: _ms(a) / _ms(b),
+            [fastest, BASELINE], 1.1)
+    add("b", 'default schedule ("steps") fp32 time <= 1.3x torchdiffeq fp32', lambda a, b: _ms(a) / _ms(b),
+        ["rampde fp32 steps", BASELINE], 1.3)
+    ladder = [get("a", c.name) for c in BUDGET_CONFIGS]
+    if all(ladder):
+        times = [_ms(r) for r in ladder]
+        # "decreases monotonically with the budget": allow the timing noise of this machine (10%)
+        targets.append({"problem": "a", "target": "memory_budget: time never falls as the budget shrinks "
+                        "(min over steps of t[smaller]/t[larger], >= 0.9 allows 10% noise)",
+                        "value": min(b / a for a, b in zip(times, times[1:])), "bound": 0.9,
+                        "met": bool(min(b / a for a, b in zip(times, times[1:])) >= 0.9)})
+        over = [r["rampde_stats"][0] for r in ladder]
+        targets.append({"problem": "a", "target": "memory_budget: measured peak of what the schedule held / budget (max)",
+                        "value": max(s["peak_bytes"] / s["memory_budget"] for s in over), "bound": 1.0,
+                        "met": all(s["peak_bytes"] <= s["memory_budget"] for s in over)})
+    return targets
 
 
 # == Reporting ========================================================================================
@@ -600,6 +817,9 @@ def plot_scaling(path: Path, scaling: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--problems", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    p.add_argument("--study", choices=("suite", "schedules"), default="suite",
+                   help="suite: the configurations side by side; schedules: issue 11's memory/time trade-off "
+                        "(problem (a) at 50 and 400 steps and (b), every checkpoint schedule and memory budgets)")
     p.add_argument("--repeats", type=int, default=3, help="timed iterations per configuration (at least)")
     p.add_argument("--scaling-repeats", type=int, default=1, help="(e): timed iterations per configuration and N")
     p.add_argument("--min-time", type=float, default=1.0,
@@ -670,6 +890,20 @@ def main(argv=None) -> dict | None:
                "CPU peak RSS (VmHWM after a reset) minus the RSS before",
                "matmul_probe_ms": probe, "load_average": {"start": _loadavg()}, "problems": {}}
     start = time.perf_counter()
+    if args.study == "schedules":
+        with tempfile.TemporaryDirectory(prefix="rampde-bench-") as tmp:
+            results["schedules"] = bench_schedules(Runner(Path(tmp), args, device), probe)
+        results["wall_s"] = time.perf_counter() - start
+        results["load_average"]["end"] = _loadavg()
+        results["targets"] = schedule_targets(results)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"schedules-{device.type}.json").write_text(json.dumps(results, indent=2))
+        md = render_schedules(results)
+        (out / f"schedules-{device.type}.md").write_text(md)
+        print(md)
+        log.info("wrote %s (%.0f s)", out, results["wall_s"])
+        return results
     with tempfile.TemporaryDirectory(prefix="rampde-bench-") as tmp:
         runner = Runner(Path(tmp), args, device)
         results["problems"] = bench_problems([k for k in PROBLEMS if k in keys], runner, probe)

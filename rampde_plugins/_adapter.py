@@ -71,7 +71,16 @@ class HostAdapter:
         self._added.clear()
 
     def host_available(self) -> bool:
-        return importlib.util.find_spec(self.host_module) is not None
+        return self.importable(self.host_module)
+
+    @staticmethod
+    def importable(module: str) -> bool:
+        """Can ``module`` be found?  False also when looking raises -- an import hook that refuses it,
+        or ``sys.modules[module] = None`` -- so that a host nobody can import is "not installed"."""
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            return False
 
     def host_version(self) -> str | None:
         try:

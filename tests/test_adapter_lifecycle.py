@@ -8,7 +8,8 @@ from torchdiffeq import odeint
 
 import rampde_plugins
 
-from .helpers import MLPField, needs_torchdiffeq_callbacks
+from .helpers import MLPField
+from .host_helpers import needs_torchdiffeq_callbacks
 
 odeint_mod = importlib.import_module("torchdiffeq._impl.odeint")
 adjoint_mod = importlib.import_module("torchdiffeq._impl.adjoint")

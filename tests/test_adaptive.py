@@ -10,7 +10,8 @@ import rampde_plugins
 from rampde_plugins import collect_stats
 from rampde_plugins import RampdeToleranceWarning
 
-from .helpers import MLPField, linear_problem, needs_torchdiffeq_callbacks, rel
+from .helpers import MLPField, linear_problem, rel
+from .host_helpers import needs_torchdiffeq_callbacks
 
 EMBEDDED = ["dopri5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8"]
 T = torch.tensor([0.0, 0.35, 1.0, 1.7, 3.0], dtype=torch.float64)
@@ -140,14 +141,7 @@ def test_torchdiffeq_dopri5_with_fp16_state_fails_where_rampde_solves(capsys):
               f"rampde (accepted, rejected) steps: {steps}")
 
 
-# Bounds of the issue; the same reasoning as the fixed-grid test (autocast rounds A and the states to
-# the compute dtype: ~u per evaluation).  The reference is the fp64 solve at the same tolerances.
-@pytest.mark.parametrize("policy, bound", [("fp16", 1e-3), ("bf16", 5e-3)])
-def test_dopri5_mixed_precision_gradients_vs_fp64(policy, bound):
-    ref, _ = _linear_adaptive(torch.float64, "fp64")
-    got, stats = _linear_adaptive(torch.float32, policy)
-    assert stats.policy == policy
-    assert rel(got[0], ref[0]) <= bound and rel(got[1], ref[1]) <= bound
+# The dopri5 bounds against fp64 for every host and schedule: tests/test_linear_precision.py.
 
 
 def test_tolerance_below_the_velocity_noise_warns_and_still_terminates():

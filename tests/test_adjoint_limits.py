@@ -15,7 +15,8 @@ from torchdiffeq import odeint
 from rampde_plugins import collect_stats
 from rampde_torchode import RampdeAdjoint
 
-from .helpers import MLPField, needs_torchdiffeq_callbacks, rel
+from .helpers import MLPField, rel
+from .host_helpers import needs_torchdiffeq_callbacks
 
 F64 = torch.float64
 T = torch.tensor([0.0, 1.0], dtype=F64)

@@ -12,7 +12,7 @@ from torchdiffeq import odeint
 
 import rampde_plugins  # noqa: F401
 
-from .helpers import needs_torchdiffeq_callbacks
+from .host_helpers import needs_torchdiffeq_callbacks
 
 
 def _live_tensors():

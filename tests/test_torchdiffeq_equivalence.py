@@ -6,7 +6,8 @@ from torchdiffeq import odeint
 
 import rampde_plugins  # noqa: F401  (installs the adapter)
 
-from .helpers import HOST_METHODS, MLPField, host_method_params, rel
+from .helpers import MLPField, rel
+from .host_helpers import HOST_METHODS, host_method_params
 
 # Same arithmetic up to the order of a few additions: agreement to 1e-12 relative is the bound the
 # issue sets; observed differences are ~1e-16.

@@ -11,7 +11,7 @@ import rampde_plugins
 from rampde_plugins import ButcherTableau, collect_stats, hookimpl
 from rampde_torchode import RampdeAdjoint, fixed_step_grid
 
-from .helpers import MLPField, linear_problem, rel
+from .helpers import MLPField, rel
 
 interface = importlib.import_module("torchode.interface")
 HOST_STEP_METHODS = [to.Euler, to.Heun, to.Dopri5, to.Tsit5]
@@ -83,31 +83,7 @@ def test_gradcheck_y0_t_eval_params(method):
     assert torch.autograd.gradcheck(fn, (y0, t_eval, *field.parameters()), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-N_STEPS, T_END = 4096, 1.0
-
-
-@pytest.fixture(scope="module")
-def linear_reference():
-    a64, y064 = linear_problem()
-    a, y0 = a64.clone().requires_grad_(), y064.clone().requires_grad_()
-    # Independent reference: torchdiffeq's own rk4 (the 3/8 rule) in fp64, direct backprop.
-    y = odeint(lambda t, y: y @ a, y0, torch.tensor([0.0, T_END], dtype=torch.float64), method="rk4",
-               options={"step_size": T_END / N_STEPS})[-1]
-    return torch.autograd.grad((y**2).sum(), [a, y0])
-
-
-# Same problem, reasoning and bounds as tests/test_mixed_precision.py, now batch-first through torchode.
-@pytest.mark.parametrize("policy, bound", [("fp16", 1e-3), ("bf16", 5e-3)])
-def test_mixed_precision_linear_problem_through_torchode(policy, bound, linear_reference):
-    a64, y064 = linear_problem()
-    a, y0 = a64.float().requires_grad_(), y064.float().requires_grad_()
-    t_eval = torch.tensor([0.0, T_END]).expand(y0.shape[0], 2)
-    step = interface.METHODS["rampde_rk4"](term=None)
-    sol = RampdeAdjoint(step, to.FixedStepController(), precision=policy, params=(a,)).solve(
-        _problem(y0, t_eval), term=to.ODETerm(lambda t, y: y @ a), dt0=torch.tensor(T_END / N_STEPS))
-    assert sol.stats["rampde"].policy == policy and int(sol.stats["n_steps"][0]) == N_STEPS
-    ga, gy = torch.autograd.grad((sol.ys[:, -1].double() ** 2).sum(), [a, y0])
-    assert rel(ga, linear_reference[0]) <= bound and rel(gy, linear_reference[1]) <= bound
+# The mixed-precision bounds of the linear problem through torchode: tests/test_linear_precision.py.
 
 
 @pytest.mark.parametrize("time_dtype", [torch.float32, torch.float64])
@@ -210,7 +186,16 @@ def test_uninstall_restores_torchode_exactly():
             assert torch.equal(a, b)  # torchode's own methods: bit-for-bit the same with and without
     finally:
         rampde_plugins.install("torchode")
-    assert interface.AutoDiffAdjoint is originals[0] or interface.AutoDiffAdjoint.__name__ == "AutoDiffAdjoint"
+    # Re-installed: a dispatcher again (not torchode's class), sending rampde methods to
+    # RampdeAdjoint and torchode's own methods to torchode's AutoDiffAdjoint.
+    from torchode.adjoints import AutoDiffAdjoint as TorchodeAutoDiffAdjoint
+
+    dispatch = interface.AutoDiffAdjoint
+    assert dispatch is not TorchodeAutoDiffAdjoint and dispatch.__doc__.startswith("Dispatch:")
+    term = to.ODETerm(Field(dtype=torch.float32))
+    assert isinstance(dispatch(interface.METHODS["rampde_rk4"](term), to.FixedStepController()), RampdeAdjoint)
+    assert type(dispatch(to.Heun(term), to.FixedStepController())) is TorchodeAutoDiffAdjoint
+    assert originals[0] is not dispatch  # a fresh dispatcher: nothing of the old install lingers
     rampde_plugins.install("torchode")  # idempotent
     assert sum(k.startswith("rampde_") for k in interface.METHODS) == len(rampde_plugins.get_registry().tableaus)
 

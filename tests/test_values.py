@@ -1,5 +1,7 @@
 """Tableaus and policies validate themselves with messages that name the problem."""
 
+from math import factorial
+
 import pytest
 import torch
 
@@ -7,9 +9,30 @@ from rampde_plugins import AdjointScaler, ButcherTableau, PrecisionPolicy, Scale
 from rampde_plugins._tableau import BUILTIN_TABLEAUS
 
 
+def _stability_coefficients(a, b, upto):
+    """b^T A^(k-1) 1 for k = 1..upto: the Taylor coefficients of the method's stability function
+    R(z) = 1 + z b^T (I - zA)^-1 1 (computed here in float64, not by the tableau's own checks)."""
+    s = len(b)
+    a = [[float(x) for x in (list(row) + [0] * (s - len(row)))] for row in a]
+    b = [float(x) for x in b]
+    v, out = [1.0] * s, []
+    for _ in range(upto):
+        out.append(sum(bi * vi for bi, vi in zip(b, v)))
+        v = [sum(a[i][j] * v[j] for j in range(s)) for i in range(s)]
+    return out
+
+
 @pytest.mark.parametrize("tab", BUILTIN_TABLEAUS, ids=lambda t: t.name)
-def test_builtin_tableaus_are_consistent(tab):
-    assert tab.stages == len(tab.c) and tab.c[0] == 0
+def test_builtin_tableaus_reproduce_exp_to_their_order(tab):
+    """On y' = lambda y a method of order p has R(z) = exp(z) + O(z^(p+1)): b^T A^(k-1) 1 = 1/k! for
+    k <= p, an independent check of every coefficient set against its claimed order (a typo in a or
+    b breaks it; the embedded pair's weights b - b_err must reach at least order 1)."""
+    coeffs = _stability_coefficients(tab.a, tab.b, tab.order)
+    assert coeffs == pytest.approx([1 / factorial(k) for k in range(1, tab.order + 1)], rel=1e-12, abs=1e-14)
+    if tab.b_err is not None:
+        other = [bi - ei for bi, ei in zip(tab.b, tab.b_err)]
+        assert _stability_coefficients(tab.a, other, 1) == pytest.approx([1.0], rel=1e-12)
+        assert any(abs(e) > 1e-14 for e in tab.b_err)  # an estimate that can see an error
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,7 @@ Loaded through the ``rampde_plugins`` entry-point group like any third-party plu
 :class:`TorchdiffeqAdapter`, which ``import rampde_plugins`` installs when torchdiffeq is importable.
 """
 
-import importlib.util
-
-from rampde_plugins import hookimpl
+from rampde_plugins import HostAdapter, hookimpl
 
 from ._adapter import TorchdiffeqAdapter, host_tableaus, validate_call
 from ._solver import OPTIONS, RampdeFixedGridSolver, parse_options
@@ -21,7 +19,11 @@ def rampde_register_adapters(registry):
 
 @hookimpl
 def rampde_register_tableaus(registry):
-    if importlib.util.find_spec("torchdiffeq") is None:
+    if not HostAdapter.importable("torchdiffeq"):
         return
-    for tableau in host_tableaus():
+    try:
+        tableaus = host_tableaus()
+    except ImportError:
+        return  # a torchdiffeq that cannot be imported: installing the adapter reports it
+    for tableau in tableaus:
         registry.add_tableau(tableau, shared=True)

@@ -9,9 +9,8 @@
 Importing this module does not import torchode; the hooks do, when it is installed.
 """
 
-import importlib.util
 
-from rampde_plugins import hookimpl
+from rampde_plugins import HostAdapter, hookimpl
 
 __all__ = ["RampdeAdjoint", "RampdeStepMethod", "TorchodeAdapter"]
 
@@ -29,7 +28,7 @@ def __getattr__(name):  # lazy: torchode is imported only when these are used
 
 
 def _torchode_available() -> bool:
-    return importlib.util.find_spec("torchode") is not None
+    return HostAdapter.importable("torchode")
 
 
 @hookimpl
