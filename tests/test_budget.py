@@ -89,19 +89,18 @@ def test_budget_ladder_peak_within_budget_work_monotone_gradients_identical():
         work.append(rec.forward_nfe + rec.backward_nfe)
         # the record's work is revolve's closed form (the oracle of test_schedules): t(N, c) advances
         # plus N taped steps, 4 evaluations a step, and 4 more for the measuring step
-        steps_run = N if rec.schedule == "graphs" else binomial_advances(N, rec.checkpoints) + N
+        steps_run = {"graphs": N, "steps": 2 * N}.get(rec.schedule) or binomial_advances(N, rec.checkpoints) + N
         assert rec.forward_nfe + rec.backward_nfe == 4 * steps_run + 4
-    # fp64: storage is the state dtype, so binomial with N - 1 checkpoints (one step less than
-    # "steps", and less memory) is chosen below "graphs"; then ever fewer checkpoints
-    assert chosen == [("graphs", 0), ("binomial", N - 1), ("binomial", 20), ("binomial", 12), ("binomial", 5),
+    # below "graphs": "steps" while its states fit, then binomial with ever fewer checkpoints
+    assert chosen == [("graphs", 0), ("steps", N), ("binomial", 20), ("binomial", 12), ("binomial", 5),
                       ("binomial", 2)]
     # less memory, never less work
     assert work == sorted(work) and work[0] < work[1] < work[2]
 
 
 def test_bf16_budget_chooses_steps_when_only_narrow_states_fit():
-    """Under bf16 the stored states are half a state's bytes: between "graphs" and binomial with
-    N - 1 checkpoints, "steps" is the fastest that fits."""
+    """Under bf16 the stored states are half a state's bytes: a budget that holds N bf16 states but
+    not N - 1 fp32 checkpoints still gets "steps" (its storage is counted in the storage dtype)."""
     field = _field(dtype=torch.float32)
     y0 = _y0(torch.float32)
     t = torch.tensor([0.0, 1.0])
@@ -166,7 +165,10 @@ def test_torchode_budget_fixed_and_adaptive():
     ref, _ = grads(**fixed)
     got, rec = grads(**fixed, memory_budget="1GB")
     assert rel(got, ref) <= 1e-12 and rec.schedule == "graphs" and rec.peak_bytes <= rec.predicted_bytes
-    budget = rec.predicted_bytes // 4  # a quarter of all graphs: binomial
+    budget = rec.predicted_bytes // 4  # a quarter of all graphs: the states fit
+    got, rec = grads(**fixed, memory_budget=budget)
+    assert rel(got, ref) <= 1e-12 and rec.schedule == "steps" and rec.peak_bytes <= budget
+    budget = rec.predicted_bytes - 1  # one byte short of the states: binomial
     got, rec = grads(**fixed, memory_budget=budget)
     assert rel(got, ref) <= 1e-12 and rec.schedule == "binomial" and rec.peak_bytes <= budget
     adaptive = {"method": "rampde_dopri5"}

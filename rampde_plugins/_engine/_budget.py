@@ -15,11 +15,8 @@ schedule               predicted peak             steps run (forward and backwar
 =====================  =========================  ============================================
 
 (plus the time grid and, for a field with random numbers or buffers, each step's replay record,
-which every schedule but ``graphs`` keeps).  Below graphs the least work wins, then the least
-memory: with ``c >= N - 1`` binomial runs ``2 N - 1`` steps, so it beats ``steps`` when its
-state-dtype checkpoints fit, and ``steps`` (storage dtype: half the bytes under bf16/fp16) is chosen
-when only its states fit.  Below ``S* + G`` (one checkpoint) the solve raises before anything runs.  With adaptive steps
-``N`` is known only at the end of the forward: the forward stores states as ``steps`` does while
+which every schedule but ``graphs`` keeps): the first that fits, in this order.  Below ``S* + G``
+(one checkpoint) the solve raises before anything runs.  With adaptive steps ``N`` is known only at the end of the forward: the forward stores states as ``steps`` does while
 they fit, and if they stop fitting it drops them (keeping ``y0``) and the backward runs binomial
 checkpointing with the most checkpoints that fit.  ``SolveStats`` reports the schedule that ran,
 ``predicted_bytes`` and ``peak_bytes`` -- the latter measured on the tensors the schedule actually
@@ -40,7 +37,7 @@ from ._schedules import checkpoint_schedule as _named_schedule
 from ._outputs import BatchedOutputs
 from ._tape import Frame, build_tape
 
-__all__ = ["MemoryBudget", "binomial_work", "checkpoint_schedule", "parse_memory_budget", "graph_nbytes", "tape_nbytes",
+__all__ = ["MemoryBudget", "checkpoint_schedule", "parse_memory_budget", "graph_nbytes", "tape_nbytes",
            "resolve_budget"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -135,30 +132,13 @@ class MemoryBudget(CheckpointSchedule):
         grid = n_steps * times[1] + times[0]
         if graphs + grid <= budget:
             return GraphsSchedule(), graphs + grid
-        # Otherwise the least work (steps run, with or without a graph), then the least memory.
-        # Binomial with c >= N - 1 checkpoints recomputes nothing and tapes the last step in the
-        # forward, one step less than "steps": it wins when its state-dtype checkpoints fit, and
-        # "steps" (storage dtype, half the bytes under bf16/fp16) wins when only they fit.
-        candidates = []
+        # Then "steps" while its states fit.  (Binomial with c >= N - 1 would run one step fewer, but
+        # measured it is not faster -- benchmarks/results/schedules-cpu.md -- and "steps" allows
+        # repeated backward passes.)  Below that, binomial with the most checkpoints that fit.
         if n_steps * stored + graph + fixed <= budget:
-            candidates.append((2 * n_steps, n_steps * stored + graph + fixed, StepsSchedule()))
+            return StepsSchedule(), n_steps * stored + graph + fixed
         c = int(min(c_most, n_steps))
-        candidates.append((binomial_work(n_steps, c), c * state + graph + fixed, BinomialSchedule(c)))
-        work, predicted, schedule = min(candidates, key=lambda w: w[:2])
-        return schedule, predicted
-
-
-def binomial_work(n_steps: int, c: int) -> int:
-    """Steps run by binomial checkpointing with ``c`` checkpoints over ``n_steps`` steps, forward
-    included: revolve's ``t(l, c) = r l - C(c + r, r - 1)`` advances (``r`` the least with
-    ``C(c + r, c) >= l``) plus ``l`` taped steps."""
-    c = max(1, min(c, n_steps - 1))
-    if n_steps <= 1:
-        return n_steps
-    r = 1
-    while math.comb(c + r, c) < n_steps:
-        r += 1
-    return r * n_steps - math.comb(c + r, r - 1) + n_steps
+        return BinomialSchedule(c), c * state + graph + fixed
 
 
 class _AdaptiveBudget(CheckpointSchedule):
