@@ -138,7 +138,7 @@ def _hermite(sd, t):
     return sd.y0 + s * (sd.y1 - sd.y0)
 
 
-@pytest.mark.parametrize("schedule", [s for s in SCHEDULES if s != "graphs"], ids=_ids)
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=_ids)
 def test_adaptive_driver_with_rejections_equals_the_fixed_grid_it_accepted(schedule):
     """A scripted controller: accepted steps h = 0.1, 0.05, 0.1, ... with every third trial rejected.
     The gradient must be that of the fixed grid of the accepted steps (the adjoint treats accepted

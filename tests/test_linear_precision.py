@@ -38,7 +38,7 @@ N_STEPS, T_END = 4096, 1.0
 BOUNDS = {"fp16": 1e-3, "bf16": 5e-3}
 SQRT_N = math.ceil(math.sqrt(N_STEPS))
 FIXED_SCHEDULES = ["steps", "graphs", SQRT_N, SegmentsSchedule(8)]
-ADAPTIVE_SCHEDULES = ["steps", SQRT_N, SegmentsSchedule(8)]
+ADAPTIVE_SCHEDULES = ["steps", "graphs", SQRT_N, SegmentsSchedule(8)]
 
 
 def _ids(s):
@@ -121,6 +121,10 @@ def _adaptive(host, dtype, policy, schedule):
 @pytest.mark.parametrize("host", ["torchdiffeq", "torchode"])
 @pytest.mark.parametrize("policy", ["bf16", "fp16"])
 def test_dopri5_within_bounds(policy, host, schedule):
+    if host == "torchode" and schedule == "graphs":  # per-sample trials are not taped (yet): refused
+        with pytest.raises(ValueError, match="fixed steps only"):
+            _adaptive(host, torch.float32, policy, schedule)
+        return
     (ref_a, ref_y), _ = _adaptive(host, torch.float64, "fp64", "steps")
     (ga, gy), rec = _adaptive(host, torch.float32, policy, schedule)
     assert rec.policy == policy and rec.backward_done

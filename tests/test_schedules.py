@@ -22,7 +22,7 @@ from .test_mixed_precision import STRESS_T, STRESS_Y0, PolynomialDecay, _rel_eac
 N_FIXED = 20
 # fp64 schedules of the must-show list; "sqrt" stands for c = ceil(sqrt(N)) of the solve at hand
 FP64_SCHEDULES = ["steps", "graphs", 1, 2, 5, "sqrt", SegmentsSchedule(3)]
-ADAPTIVE_SCHEDULES = [s for s in FP64_SCHEDULES if s != "graphs"]
+ADAPTIVE_SCHEDULES = FP64_SCHEDULES  # "graphs" too: every trial taped, rejected ones dropped
 
 
 def _spec(schedule, n):
@@ -89,6 +89,8 @@ def test_adaptive_gradients_identical_across_schedules(method, schedule):
     if isinstance(_spec(schedule, n), int):
         # adaptive: the forward keeps y0 only, the backward runs the whole binomial stream
         assert rec.checkpoints <= _spec(schedule, n) and rec.recomputed_steps > 0
+    if schedule == "graphs":  # the forward's graphs are reversed: no evaluation in the backward
+        assert rec.backward_nfe == 0 and rec.taped_steps == n
 
 
 def _torchode_grads(adaptive, checkpoint=None):
@@ -108,7 +110,7 @@ def _torchode_grads(adaptive, checkpoint=None):
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
 @pytest.mark.parametrize("schedule", FP64_SCHEDULES, ids=_ids)
 def test_torchode_gradients_identical_across_schedules(adaptive, schedule):
-    if adaptive and schedule == "graphs":
+    if adaptive and schedule == "graphs":  # per-sample trials are not taped yet: refused, with the alternatives
         with pytest.raises(ValueError, match="fixed steps only"):
             _torchode_grads(adaptive, "graphs")
         return
@@ -381,10 +383,13 @@ def test_schedule_objects_validate_their_argument():
         BinomialSchedule(1.5)
 
 
-def test_graphs_with_adaptive_steps_is_refused_with_the_alternatives():
-    with pytest.raises(ValueError, match="adaptive steps.*'steps', an integer"):
-        odeint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), method="rampde_dopri5",
-               options={"checkpoint": "graphs"})
+def test_graphs_with_per_sample_adaptive_steps_is_refused_with_the_alternatives():
+    from rampde_plugins import solve_batched_adaptive
+
+    with pytest.raises(ValueError, match="per-sample adaptive steps.*'steps', an integer"):
+        solve_batched_adaptive(lambda t, y: -y, torch.ones(2, 2), torch.zeros(2), torch.ones(2), None,
+                               tableau=rampde_plugins.get_registry().tableau("dopri5"),
+                               policy=rampde_plugins.get_registry().policy("fp32"), controller=None, checkpoint="graphs")
 
 
 def test_checkpoint_keyword_only_for_rampde_methods_in_torchode():

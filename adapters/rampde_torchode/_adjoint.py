@@ -237,7 +237,7 @@ class RampdeAdjoint(torch.nn.Module):
         self.checkpoint = checkpoint_schedule(checkpoint, memory_budget=memory_budget,
                                               owner="RampdeAdjoint(checkpoint=...)",
                                               budget_owner="RampdeAdjoint(memory_budget=...)")
-        if not self.checkpoint.adaptive_ok and not isinstance(step_size_controller, FixedStepController):
+        if not self.checkpoint.per_sample_adaptive_ok and not isinstance(step_size_controller, FixedStepController):
             raise ValueError(
                 f"RampdeAdjoint(checkpoint={checkpoint!r}) keeps every step's graph, which is available for fixed "
                 "steps only (torchode.FixedStepController() with dt0); with adaptive steps use 'steps', an "

@@ -256,6 +256,12 @@ def solve_batched_adaptive(
     """
     params = _common_checks(y0, params, policy)
     schedule = _schedule(checkpoint, adaptive=True)
+    if not schedule.per_sample_adaptive_ok:
+        raise ValueError(
+            f"checkpoint={checkpoint!r} is not available with per-sample adaptive steps yet (each iteration's "
+            "trial would have to be taped for every sample); use checkpoint='steps', an integer (binomial), "
+            "SegmentsSchedule(k) or a memory_budget, or fixed steps for 'graphs'"
+        )
     if tableau.b_err is None:
         raise ValueError(f"method {tableau.name!r} has no embedded error estimate; it cannot adapt its step size")
     _check_time_dtype("start times", t_start)

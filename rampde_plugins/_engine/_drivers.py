@@ -9,7 +9,7 @@ import torch
 from .._storage import ChunkedStore
 from ._problem import _check_storage, _Problem, _probe_first, _with_replay
 from ._steppers import StepData, _check_velocity, _lincomb
-from ._tape import Frame, build_tape, check_tape
+from ._tape import Frame, TimeNeeds, add_tape_outputs, build_tape, build_trial_tape, check_tape
 from ._budget import MemoryBudget, resolve_budget, tape_nbytes
 
 
@@ -174,6 +174,12 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
     grid = ChunkedStore() if probe else None
     nfe = 0
     watch = prob.watch
+    # A schedule that keeps the forward's graphs ("graphs"): every trial is built with a graph and
+    # the first stage is either a leaf carried from the previous step's last stage or evaluated
+    # inside the trial's graph (so no evaluation is outside a graph the backward reverses).
+    taping = keeper is not None and keeper.tape_now(0)
+    needs = TimeNeeds(prob.need_grid, prob.need_tout)
+    taped = 0
 
     def f_counted(tt, yy):
         nonlocal nfe
@@ -196,13 +202,20 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
         carried = False  # is k0 the previous step's last stage rather than f(t, y)?
         first_next = False
         out_j, n, rejected = 1, 0, 0
+        tape = None
         while out_j < n_out:
             t1, h = controller.propose(t, y)
             h_float = float(h)
             stage_token = replay.snapshot() if active else None
-            ks_times = prob.stage_times(t, t1, h, True if first_next else None)
-            y1, ks = prob.step(y, ks_times, h_float, k0)
-            nfe += tab.stages - 1
+            if taping:
+                tape, ks_graph = build_trial_tape(prob, n, t, t1, h, y, k0 if carried else None,
+                                                  first_next=first_next, needs=needs)
+                nfe += tape.nfe
+                y1, ks = tape.y_end.detach(), [k.detach() for k in ks_graph]
+            else:
+                ks_times = prob.stage_times(t, t1, h, True if first_next else None)
+                y1, ks = prob.step(y, ks_times, h_float, k0)
+                nfe += tab.stages - 1
             if watch and y1.requires_grad:
                 refs, outside = prob.check.scan([y1], (y,))
                 y1, ks = y1.detach(), [k.detach() for k in ks]
@@ -211,7 +224,10 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
             err = torch.zeros_like(y) if err is None else err * h_float
             if not controller.judge(t, t1, h, y, y1, err):
                 rejected += 1
+                tape = None  # a rejected trial's graph goes at once
                 continue
+            if taping:
+                check_tape(prob, tape, prob.params, needs, f" (at t = {float(t):.6g})")
             if probe:  # without a backward to come nothing is kept
                 if carried:
                     prob.carried_k0.mark(n)
@@ -231,9 +247,21 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
                 out_j += 1
             if entry:
                 outputs.steps[n] = entry
-                sd = StepData(prob, t, t1, h, y, y1, ks)
-                with prob.full_precision():
-                    outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, t_out, False)))
+                if taping:
+                    values = add_tape_outputs(prob, tape, entry, t_out, t, t1, h, ks_graph, needs)
+                    outputs.write(sol, entry, [v.detach() for v in values])
+                    del values
+                else:
+                    sd = StepData(prob, t, t1, h, y, y1, ks)
+                    with prob.full_precision():
+                        outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, t_out, False)))
+            if taping:
+                if prob.measure:
+                    tape.nbytes = tape_nbytes(prob, tape)
+                    prob.held_graph_bytes += tape.nbytes
+                keeper.put_tape(n, tape)
+                tape = ks_graph = None
+                taped += 1
             n += 1
             y, t = y1, t1
             first_next = bool(controller.at_jump)
@@ -243,19 +271,23 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
                 with torch.no_grad():
                     t_next = torch.nextafter(t1, torch.full_like(t1, math.inf))
                 k0_token = replay.snapshot() if active else None
-                k0, carried = f_counted(t_next, y1), False
+                # (taped: evaluated inside the next trial's graph, at the same nudged time)
+                k0, carried = (None, False) if taping else (f_counted(t_next, y1), False)
             elif tab.fsal:
                 # f(t1, y1) up to the c == 1 time nudge.  A replayed field's next evaluation would
                 # draw other random numbers: then the value is carried, like a reused last stage.
-                k0, carried = ks[-1], active
+                # Taped: carried as a leaf of the next trial's graph, its cotangent flows back.
+                k0, carried = ks[-1], active or taping
             elif controller.reuse_last_stage:
                 k0, carried = ks[-1], True
+            elif taping:
+                k0, carried = None, False  # evaluated inside the next trial's graph
             else:
                 k0_token = replay.snapshot() if active else None
                 k0, carried = f_counted(t1, y1), False
     rec = prob.record
     rec.n_steps, rec.n_outputs, rec.forward_nfe = n, t_out.numel(), nfe + prob.nfe_extra
-    rec.rejected_steps = rejected
+    rec.rejected_steps, rec.taped_steps = rejected, taped
     if keeper is None:
         return sol, None, None
     keeper.end_forward(n)

@@ -48,6 +48,8 @@ class CheckpointSchedule:
     name = "schedule"
     #: works with adaptive steps (whose number is known only after the forward)
     adaptive_ok = True
+    #: works with per-sample adaptive steps (torchode's layout)
+    per_sample_adaptive_ok = True
 
     def replays_steps(self, n_steps: int | None) -> bool:
         """Does the backward recompute forward steps (so random numbers and buffer writes must be
@@ -92,10 +94,12 @@ class GraphsSchedule(CheckpointSchedule):
     """Every step's low-precision graph kept from the forward: no recomputation (the cost of direct
     backprop).  The VJP is still taken one step at a time, so the adjoint and the parameter gradients
     are summed over steps in fp32 (autocast's weight-cast cache is off while a graph is built, so no
-    bf16/fp16 sum spans steps or stages).  Memory: N steps' graphs."""
+    bf16/fp16 sum spans steps or stages).  Memory: N steps' graphs.  With adaptive steps every trial
+    is built with a graph and a rejected trial's graph is dropped at once (shared time only: the
+    per-sample driver, torchode's adaptive steps, does not tape its trials yet)."""
 
     name = "graphs"
-    adaptive_ok = False
+    per_sample_adaptive_ok = False
 
     def replays_steps(self, n_steps):
         return False

@@ -100,6 +100,65 @@ def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, rep
     return tape
 
 
+class TimeNeeds:
+    """Which time gradients a tape's backward needs (what :class:`Frame` says, for tapes built before
+    the grid is known: adaptive trial steps)."""
+
+    __slots__ = ("need_time", "need_tout")
+
+    def __init__(self, need_grid: bool, need_tout: bool):
+        self.need_time, self.need_tout = bool(need_grid or need_tout), bool(need_tout)
+
+
+def build_trial_tape(prob, n: int, t0, t1, h, y: torch.Tensor, k0, *, first_next: bool, needs: TimeNeeds):
+    """Adaptive step ``n``'s trial from ``t0`` to ``t1`` (controller's size ``h``) with a graph, for
+    schedules that keep the forward's graphs.  Returns (tape, stage values); the outputs of an
+    accepted trial are added with :func:`add_tape_outputs`.
+
+    Without time gradients the arithmetic is the graph-free driver's (stage times from the
+    controller's times, ``h`` as a float); with them the two times are leaves and ``h = t1 - t0``,
+    as a backward-built tape has it.
+    """
+    state_dtype = prob.policy.state_dtype
+    tape = Tape()
+    tape.n0, tape.n1, tape.nfe, tape.checked, tape.nbytes = n, n + 1, 0, False, 0
+    tape.mark = sequence_mark()
+    keep_ys = prob.callback_step_adjoint is not None or prob.callback_accept_step_adjoint is not None
+    with torch.enable_grad(), prob.graph_autocast():
+        y_leaf = y.detach().to(state_dtype).requires_grad_(True)
+        k0_leaf = None if k0 is None else k0.detach().to(state_dtype).requires_grad_(True)
+        if needs.need_time:
+            pts = [t0.detach().clone().requires_grad_(True), t1.detach().clone().requires_grad_(True)]
+            hh = pts[1] - pts[0]
+            stage_t = prob.stage_times(pts[0], pts[1], hh, True if first_next else None)
+            hs = prob.h_for_state(hh, y_leaf)
+        else:
+            pts = None
+            stage_t = prob.stage_times(t0, t1, h, True if first_next else None)
+            hs = float(h)
+        y1, ks = prob.step(y_leaf, stage_t, hs, k0_leaf)
+    tape.nfe = prob.tableau.stages - (k0 is not None)
+    tape.y_leaf, tape.k0_leaf, tape.pts = y_leaf, k0_leaf, pts
+    tape.y_end, tape.k_last, tape.outs = y1, ks[-1], []
+    tape.ys = [y.detach()] if keep_ys else []
+    return tape, ks
+
+
+def add_tape_outputs(prob, tape: Tape, entry, t_out, t0, t1, h, ks, needs: TimeNeeds):
+    """Evaluate an accepted trial's outputs inside its graph; returns the (differentiable) values."""
+    outputs = prob.outputs
+    with torch.enable_grad(), prob.graph_autocast():
+        t_leaves = outputs.times(entry, t_out, needs.need_tout)
+        if tape.pts is not None:
+            t0, t1 = tape.pts
+            h = t1 - t0
+        sd = StepData(prob, t0, t1, h, tape.y_leaf, tape.y_end, ks)
+        with prob.full_precision():
+            values = outputs.evaluate(entry, sd, t_leaves)
+    tape.outs.append((entry, values, t_leaves))
+    return values
+
+
 def tape_roots(tape: Tape, a, a_k, g, outputs):
     """(roots, cotangents) of a tape: the end state against the adjoint, the carried last stage
     against its cotangent from the next step, the outputs against the loss's cotangents."""
