@@ -428,3 +428,57 @@ def test_rampde_core_exports_the_schedules():
     assert rampde_plugins.checkpoint_schedule(4).c == 4
     assert rampde_plugins.checkpoint_schedule("graphs").name == "graphs"
     assert isinstance(rampde_plugins.checkpoint_schedule(None), rampde_plugins.StepsSchedule)
+
+
+_RSS_JOB = r"""
+import math, sys, json
+sys.path.insert(0, sys.argv[1])
+import torch
+from torchdiffeq import odeint
+import rampde_plugins
+from rampde_plugins import collect_stats
+from _common import current_rss_bytes, peak_rss_bytes, release_free_memory, reset_peak_rss
+torch.set_num_threads(1)
+n = int(sys.argv[2])
+torch.manual_seed(0)
+w = torch.nn.Parameter(torch.randn(1024) * 0.1)
+y0 = torch.randn(128, 1024)  # 512 KiB: above glibc's mmap threshold, so RSS follows every state
+f = lambda t, y: torch.tanh(y) * w
+c = math.ceil(math.sqrt(n))
+def run(steps, checkpoint):
+    with collect_stats() as stats:
+        y = odeint(f, y0, torch.tensor([0.0, 1.0]), method="rampde_rk4",
+                   options={"step_size": 1.0 / steps, "checkpoint": checkpoint, "adjoint_params": (w,)})[-1]
+        release_free_memory(); reset_peak_rss(); before = current_rss_bytes()
+        y.sum().backward()
+        peak = peak_rss_bytes()[0] - before
+    return peak, stats.last
+run(4, 2)  # one-time initialisation (kernels, autograd threads) is not the schedule's memory
+one_step, _ = run(8, "steps")  # steps: the backward holds one rebuilt step (states are already held)
+peak, rec = run(n, c)
+print(json.dumps({"peak": peak, "one_step": one_step, "checkpoints": rec.checkpoints, "c": c}))
+"""
+
+
+@pytest.mark.parametrize("n", [100, 400, 1600])
+def test_binomial_backward_peak_rss_is_c_states_plus_one_step(n):
+    """Peak RSS growth of the backward, in a fresh process: c = ceil(sqrt(N)) checkpoints of 512 KiB
+    states plus one step's backward (measured as the "steps" backward of a short solve, whose states
+    are held before it starts) plus a small constant (the saved-tensor meter's version of this is
+    test_binomial_memory_is_c_states_plus_one_step_graph).  With 1 MiB states this machine measured
+    46.8, 58.1 and 72.1 MiB for N = 100, 400, 1600 (c = 10, 20, 40; one step 33-36 MiB)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    proc = subprocess.run([sys.executable, "-c", _RSS_JOB, str(bench), str(n)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    state = 2**19
+    # the checkpoints are taken in the backward's first sweep (the forward keeps only the last
+    # step's graph), so the growth is c states + one step + a few states of slack (the adjoint,
+    # its cotangents, autograd's buffers)
+    assert r["checkpoints"] <= r["c"]
+    assert r["peak"] <= r["c"] * state + r["one_step"] + 4 * state, r
