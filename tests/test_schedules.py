@@ -479,6 +479,7 @@ def test_binomial_backward_peak_rss_is_c_states_plus_one_step(n):
     state = 2**19
     # the checkpoints are taken in the backward's first sweep (the forward keeps only the last
     # step's graph), so the growth is c states + one step + a few states of slack (the adjoint,
-    # its cotangents, autograd's buffers)
+    # its cotangents, autograd's buffers; the one-step reading itself moves by ~2 states between
+    # processes).  "steps" would hold N states: 800 MiB at N = 1600.
     assert r["checkpoints"] <= r["c"]
-    assert r["peak"] <= r["c"] * state + r["one_step"] + 4 * state, r
+    assert r["peak"] <= r["c"] * state + r["one_step"] + 8 * state, r
