@@ -594,13 +594,7 @@ def _schedule_cells(r) -> str:
 
 
 def render_schedules(results: dict) -> str:
-    m = results["machine"]
-    load = results["load_average"]
-    smoke = ", SMOKE sizes: checks the plumbing, the figures mean nothing" if results["settings"]["smoke"] else ""
-    lines = [f"# rampde checkpoint schedules: memory vs time ({m['device']}{smoke})", "",
-             f"torch {m['torch']}, torchdiffeq {m['torchdiffeq']}, torchode {m['torchode']}, rampde-plugins "
-             f"{m['rampde_plugins']}; {m['processor']}, {m['threads']} threads; python {m['python']}.",
-             f"Load average (1 min) at start/end: {load['start'][0]:.2f} / {load['end'][0]:.2f}." if load.get("start") and load.get("end") else "",
+    lines = [*_header(results, "rampde checkpoint schedules: memory vs time"),
              "Same harness and measurements as the benchmark suite (fresh process per row; peak memory growth of the "
              f"first full-size iteration: {results['memory_measure']}). Schedule/recomputed: from rampde's SolveStats; "
              "budget columns: memory_budget / predicted peak / measured peak of what the schedule held, MiB.",
@@ -726,15 +720,20 @@ def _fmt_row(name, r, base):
             f"| {err} | {r['fwd_nfe']}/{r['bwd_nfe']} |")
 
 
-def render_markdown(results: dict) -> str:
+def _header(results: dict, title: str) -> list[str]:
+    """Title, versions, machine and load: the first lines of every report."""
     m = results["machine"]
     load = results["load_average"]
     smoke = ", SMOKE sizes: checks the plumbing, the figures mean nothing" if results["settings"]["smoke"] else ""
-    lines = [f"# rampde benchmark suite ({m['device']}{smoke})", "",
-             f"torch {m['torch']}, torchdiffeq {m['torchdiffeq']}, torchode {m['torchode']}, rampde-plugins "
-             f"{m['rampde_plugins']}; {m['processor']}, {m['threads']} threads; python {m['python']}.",
-             f"Load average (1 min) at start/end: {load['start'][0]:.2f} / {load['end'][0]:.2f} "
-             "(other processes on the machine make the timings provisional)." if load.get("start") and load.get("end") else "",
+    return [f"# {title} ({m['device']}{smoke})", "",
+            f"torch {m['torch']}, torchdiffeq {m['torchdiffeq']}, torchode {m['torchode']}, rampde-plugins "
+            f"{m['rampde_plugins']}; {m['processor']}, {m['threads']} threads; python {m['python']}.",
+            f"Load average (1 min) at start/end: {load['start'][0]:.2f} / {load['end'][0]:.2f} "
+            "(other processes on the machine make the timings provisional)." if load.get("start") and load.get("end") else ""]
+
+
+def render_markdown(results: dict) -> str:
+    lines = [*_header(results, "rampde benchmark suite"),
              "Time: forward + backward of one training iteration, median [min-max] over the repeats. Memory: peak "
              "growth of the first full-size iteration in a fresh process, after a one-step warm-up "
              f"({results['memory_measure']}). Gradient error: relative "
@@ -893,17 +892,7 @@ def main(argv=None) -> dict | None:
     if args.study == "schedules":
         with tempfile.TemporaryDirectory(prefix="rampde-bench-") as tmp:
             results["schedules"] = bench_schedules(Runner(Path(tmp), args, device), probe)
-        results["wall_s"] = time.perf_counter() - start
-        results["load_average"]["end"] = _loadavg()
-        results["targets"] = schedule_targets(results)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"schedules-{device.type}.json").write_text(json.dumps(results, indent=2))
-        md = render_schedules(results)
-        (out / f"schedules-{device.type}.md").write_text(md)
-        print(md)
-        log.info("wrote %s (%.0f s)", out, results["wall_s"])
-        return results
+        return _finish(results, start, Path(args.out), f"schedules-{device.type}", schedule_targets, render_schedules)
     with tempfile.TemporaryDirectory(prefix="rampde-bench-") as tmp:
         runner = Runner(Path(tmp), args, device)
         results["problems"] = bench_problems([k for k in PROBLEMS if k in keys], runner, probe)
@@ -913,16 +902,20 @@ def main(argv=None) -> dict | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tolerance-floor warning is what this table shows
             results["adaptive_steps"] = adaptive_step_counts()
+    if "scaling" in results:
+        plot_scaling(Path(args.out) / f"scaling-{device.type}.png", results["scaling"])
+    return _finish(results, start, Path(args.out), f"results-{device.type}", compute_targets, render_markdown)
+
+
+def _finish(results: dict, start: float, out: Path, stem: str, targets, render) -> dict:
+    """Targets, the end's load average, then ``<stem>.json`` and ``<stem>.md`` (also printed)."""
     results["wall_s"] = time.perf_counter() - start
     results["load_average"]["end"] = _loadavg()
-    results["targets"] = compute_targets(results)
-    out = Path(args.out)
+    results["targets"] = targets(results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"results-{device.type}.json").write_text(json.dumps(results, indent=2))
-    md = render_markdown(results)
-    (out / f"results-{device.type}.md").write_text(md)
-    if "scaling" in results:
-        plot_scaling(out / f"scaling-{device.type}.png", results["scaling"])
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    md = render(results)
+    (out / f"{stem}.md").write_text(md)
     print(md)
     log.info("wrote %s (%.0f s)", out, results["wall_s"])
     return results
