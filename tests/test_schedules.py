@@ -478,8 +478,10 @@ def test_binomial_backward_peak_rss_is_c_states_plus_one_step(n):
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     state = 2**19
     # the checkpoints are taken in the backward's first sweep (the forward keeps only the last
-    # step's graph), so the growth is c states + one step + a few states of slack (the adjoint,
-    # its cotangents, autograd's buffers; the one-step reading itself moves by ~2 states between
-    # processes).  "steps" would hold N states: 800 MiB at N = 1600.
+    # step's graph), so the growth is c states + one step + a constant: the adjoint, its
+    # cotangents, autograd's and the allocator's buffers.  Measured over c states + one step:
+    # -3 to +1 states in three processes run side by side, +8.6 once in the parallel suite (the
+    # one-step reading moves too); hence 16 states (8 MiB).  "steps" would hold N states: 800 MiB
+    # at N = 1600, and 1/4 of them would be 200 MiB.
     assert r["checkpoints"] <= r["c"]
-    assert r["peak"] <= r["c"] * state + r["one_step"] + 8 * state, r
+    assert r["peak"] <= r["c"] * state + r["one_step"] + 16 * state, r
