@@ -98,9 +98,16 @@ class GraphCheck:
                     stack.append(nxt)
         return refs, outside
 
-    def raise_if_hidden(self, refs, outside, where: str = "") -> None:
-        """Raise the hidden-tensor error for what is still alive (call after dropping the graph)."""
+    def raise_if_hidden(self, refs, outside, where="") -> None:
+        """Raise the hidden-tensor error for what is still alive (call after dropping the graph).
+
+        ``where``: a string, or a callable making it -- called only to raise, so that a per-step
+        caller does not format (and synchronise on) a time it will almost never print."""
         hidden = [v for v in (r() for r in refs) if v is not None]
+        if not (outside or hidden):
+            return
+        if callable(where):
+            where = where()
         if outside:
             shapes = []
             for node in outside[:5]:
