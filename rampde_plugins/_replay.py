@@ -97,10 +97,29 @@ class StepReplay:
         self.mutates = self._written()
         return self.active
 
-    def _written(self) -> bool:
+    def _written(self, versions=None, values=None) -> bool:
         # Versions, and values too: BatchNorm's kernel writes its running statistics without
         # bumping their version counters (a field calling F.batch_norm on its own buffers).
-        return self._versions() != self._v0 or any(not torch.equal(b, b0) for b, b0 in zip(self.buffers, self._b0))
+        versions, values = (self._v0, self._b0) if versions is None else (versions, values)
+        return self._versions() != versions or any(not torch.equal(b, b0) for b, b0 in zip(self.buffers, values))
+
+    def isolated(self, run):
+        """``run()`` with the generators and buffers put back afterwards, as if it had not run.
+
+        Returns (its result, bytes one step's replay record takes if the field draws random numbers
+        or writes buffers as ``run`` did: 0 when it does neither)."""
+        rng, values, versions = self._rng_state(), [b.detach().clone() for b in self.buffers], self._versions()
+        try:
+            out = run()
+            draws, writes = not self._same_rng(self._rng_state(), rng), self._written(versions, values)
+        finally:
+            self._apply((rng, values))
+        nbytes = 0
+        if draws:
+            nbytes += rng[0].numel() + (rng[1].numel() if rng[1] is not None else 0)
+        if writes:
+            nbytes += sum(v.numel() * v.element_size() for v in values)
+        return out, nbytes
 
     def changed_since_begin(self) -> bool:
         """At the end of a forward that was not replayed: did the field draw or write after all?"""

@@ -32,10 +32,10 @@ OPTIONS = {
     "precision": "precision policy name or PrecisionPolicy (default: from torch.autocast / y0's dtype)",
     "scaler": "rampde_plugins.AdjointScaler carrying the fp16 adjoint scale across iterations",
     "adjoint_params": "tensors to differentiate when func is not an nn.Module owning them",
-    "checkpoint": "what the forward keeps for the backward: 'steps' (default), 'graphs' (fixed grids), an integer c "
+    "checkpoint": "what the forward keeps for the backward: 'steps' (default), 'graphs', an integer c "
                   "(binomial, c stored states) or a rampde_plugins schedule object",
-    "memory_budget": "bytes or a size such as '512MB': rampde chooses the fastest schedule whose predicted peak fits "
-                     "(exclusive with checkpoint)",
+    "memory_budget": "bytes or a size such as '512MB': rampde runs the first of 'graphs', 'steps', binomial whose "
+                     "predicted peak fits (exclusive with checkpoint)",
 }
 # torchdiffeq hands these to every solver; a fixed grid has no use for them.
 _HOST_ARGS = ("rtol", "atol", "norm")

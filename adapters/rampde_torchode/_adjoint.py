@@ -222,8 +222,9 @@ class RampdeAdjoint(torch.nn.Module):
             each step recomputed once), ``"graphs"`` (every step's graph, no recomputation; fixed
             steps), an integer ``c`` (binomial checkpointing with ``c`` stored states) or a
             ``rampde_plugins`` schedule object (``SegmentsSchedule(k)``, ...).
-        memory_budget: bytes or a size such as ``"512MB"`` instead of ``checkpoint``: the fastest
-            schedule whose predicted peak fits is chosen per solve (``stats["rampde"]`` says which).
+        memory_budget: bytes or a size such as ``"512MB"`` instead of ``checkpoint``: the first of
+            ``"graphs"`` (fixed steps), ``"steps"``, binomial whose predicted peak fits is chosen per
+            solve (``stats["rampde"]`` says which).
 
     ``solve(problem, term=None, dt0=None, args=None)`` returns a torchode ``Solution``; its ``stats``
     has torchode's keys (``n_f_evals``, ``n_steps``, ``n_accepted``, ``n_initialized``) plus

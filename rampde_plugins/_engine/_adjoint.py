@@ -116,7 +116,8 @@ class _Sweep:
         leaves_per_out = [tls for _, _, tls in tape.outs]
         tape.clear()
         if refs is not None:
-            prob.check.raise_if_hidden(refs, outside, f" (at step {n0} of {prob.n_steps}, t = {float(frame.grid[n0].min()):.6g})")
+            prob.check.raise_if_hidden(
+                refs, outside, lambda: f" (at step {n0} of {prob.n_steps}, t = {float(frame.grid[n0].min()):.6g})")
         acc = self.a.dtype
         a = grads[0].to(acc)
         self.a = a * inv if inv != 1.0 else a

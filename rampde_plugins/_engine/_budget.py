@@ -1,4 +1,4 @@
-"""Memory budgets: the fastest checkpoint schedule whose predicted peak fits.
+"""Memory budgets: the checkpoint schedule that does the least recomputation within a memory budget.
 
 ``MemoryBudget(bytes)`` is a schedule that decides once per solve.  Before the forward it builds the
 first step's graph once (with the field's random-number generators and buffers put back afterwards,
@@ -16,9 +16,10 @@ schedule               predicted peak             steps run (forward and backwar
 
 (plus the time grid and, for a field with random numbers or buffers, each step's replay record,
 which every schedule but ``graphs`` keeps): the first that fits, in this order.  Below ``S* + G``
-(one checkpoint) the solve raises before anything runs.  With adaptive steps ``N`` is known only at the end of the forward: the forward stores states as ``steps`` does while
-they fit, and if they stop fitting it drops them (keeping ``y0``) and the backward runs binomial
-checkpointing with the most checkpoints that fit.  ``SolveStats`` reports the schedule that ran,
+(one checkpoint) the solve raises before anything runs.  With adaptive steps ``N`` is known only
+at the end of the forward: the forward stores states as ``steps`` does while they fit, and if they
+stop fitting it drops them (keeping ``y0``) and the backward runs binomial checkpointing with the
+most checkpoints that fit (``graphs`` is not considered there).  ``SolveStats`` reports the schedule that ran,
 ``predicted_bytes`` and ``peak_bytes`` -- the latter measured on the tensors the schedule actually
 held (states, checkpoints and the saved tensors of the graphs alive at the time).
 """
@@ -89,8 +90,9 @@ def _fmt(n: float) -> str:
 
 
 class MemoryBudget(CheckpointSchedule):
-    """The fastest schedule whose predicted peak memory fits ``budget`` bytes (or a size string);
-    see the module docstring for how the prediction is made.  Decided per solve."""
+    """The first of ``graphs``, ``steps`` and binomial with the most checkpoints whose predicted peak
+    memory fits ``budget`` bytes (or a size string); see the module docstring for how the
+    prediction is made.  Decided per solve."""
 
     name = "budget"
 
@@ -173,11 +175,10 @@ class _AdaptiveBudgetKeeper(Keeper):
         """The costliest graph of steps ``< upto`` (their outputs are assigned by now), or of one
         step without outputs."""
         outputs = self.schedule.outputs
-        batched, steps = isinstance(outputs, BatchedOutputs), outputs.steps
         for n in range(self._seen, upto):
-            entry = steps.get(n)
+            entry = outputs.steps.get(n)
             if entry is not None:
-                self._most = max(self._most, 1 if batched else sum(1 for _, exact in entry if not exact))
+                self._most = max(self._most, _evaluations(outputs, entry))
         self._seen = max(self._seen, upto)
         m = self.schedule.measure
         return m.graph + m.output * self._most
@@ -309,11 +310,17 @@ def tape_nbytes(prob, tape) -> int:
     return graph_nbytes(roots, prob.params)
 
 
-def _output_counts(outputs) -> list[int]:
-    """Per step with outputs: how many output evaluations it makes (with a graph of their own)."""
+def _evaluations(outputs, entry) -> int:
+    """Output evaluations (with a graph of their own) of one step's entry: one for all the samples
+    of a per-sample entry; one per output that is not the step's end state itself."""
     if isinstance(outputs, BatchedOutputs):
-        return [1] * len(outputs.steps)  # one evaluation for all the samples an entry holds
-    return [c for c in (sum(1 for _, exact in e if not exact) for e in outputs.steps.values()) if c]
+        return 1
+    return sum(1 for _, exact in entry if not exact)
+
+
+def _output_counts(outputs) -> list[int]:
+    """Per step with outputs: how many output evaluations it makes."""
+    return [c for c in (_evaluations(outputs, e) for e in outputs.steps.values()) if c]
 
 
 def _probe_entry(outputs, y0, grid2):
@@ -343,41 +350,22 @@ def measure_step(prob, y0: torch.Tensor, grid2: torch.Tensor) -> StepMeasure:
     The field runs once more than the solve needs (counted in ``forward_nfe``); its random-number
     generators and buffers are put back afterwards, so the solve draws and writes what it would have.
     """
-    devices = [y0.device.index or 0] if y0.device.type == "cuda" else []
-    buffers = prob.replay.buffers if prob.replay is not None else ()
-    saved = [b.detach().clone() for b in buffers]
-    versions = [b._version for b in buffers]
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(y0.device) if devices else None
     outputs = prob.outputs
     planned = outputs.steps
     entry, t_probe = _probe_entry(outputs, y0, grid2.detach())
+
+    def step():
+        frame = Frame(prob, grid2, t_probe, y0, prob.need_grid, prob.need_tout)
+        tape = build_tape(prob, frame, 0, 1, y0.detach().to(prob.policy.state_dtype), None, replay=False)
+        graph = graph_nbytes([tape.y_end, tape.k_last], prob.params)
+        prob.nfe_extra += tape.nfe
+        return graph, tape_nbytes(prob, tape) - graph
+
     outputs.steps = {} if entry is None else {0: entry}
     try:
-        with torch.random.fork_rng(devices=devices):
-            frame = Frame(prob, grid2, t_probe, y0, prob.need_grid, prob.need_tout)
-            tape = build_tape(prob, frame, 0, 1, y0.detach().to(prob.policy.state_dtype), None, replay=False)
-            graph = graph_nbytes([tape.y_end, tape.k_last], prob.params)
-            output = tape_nbytes(prob, tape) - graph
-            prob.nfe_extra += tape.nfe
-            tape.clear()
-            del tape
-            draws = not torch.equal(torch.get_rng_state(), rng) or (
-                cuda_rng is not None and not torch.equal(torch.cuda.get_rng_state(y0.device), cuda_rng))
+        (graph, output), replay = prob.replay.isolated(step)
     finally:
         outputs.steps = planned
-        # (BatchNorm's kernel updates its running statistics without bumping their version
-        # counters: values are compared, not versions)
-        writes = [b._version != v or not torch.equal(b, s) for b, s, v in zip(buffers, saved, versions)]
-        with torch.no_grad():
-            for b, s, w in zip(buffers, saved, writes):
-                if w:
-                    b.copy_(s)
-    replay = 0
-    if draws:
-        replay += rng.numel() * rng.element_size() + (0 if cuda_rng is None else cuda_rng.numel())
-    if any(writes):
-        replay += sum(b.numel() * b.element_size() for b in buffers)
     return StepMeasure(graph, output, replay)
 
 

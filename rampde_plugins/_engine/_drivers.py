@@ -9,7 +9,7 @@ import torch
 from .._storage import ChunkedStore
 from ._problem import _check_storage, _Problem, _probe_first, _with_replay
 from ._steppers import StepData, _check_velocity, _lincomb
-from ._tape import Frame, TimeNeeds, add_tape_outputs, build_tape, build_trial_tape, check_tape
+from ._tape import Frame, TimeNeeds, add_tape_outputs, build_tape, check_tape
 from ._budget import MemoryBudget, resolve_budget, tape_nbytes
 
 
@@ -75,7 +75,8 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
                 tape = build_tape(prob, frame, n, n + 1, y, None, replay=False)
                 nfe += tape.nfe
                 taped += 1
-                check_tape(prob, tape, prob.params, frame, f" (at step {n} of {n_steps}, t = {float(grid[n].min()):.6g})")
+                check_tape(prob, tape, prob.params, frame,
+                           lambda: f" (at step {n} of {n_steps}, t = {float(grid[n].min()):.6g})")
                 for entry, values, _ in tape.outs:
                     outputs.write(sol, entry, [v.detach() for v in values])
                 y = tape.y_end.detach()
@@ -208,10 +209,11 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
             h_float = float(h)
             stage_token = replay.snapshot() if active else None
             if taping:
-                tape, ks_graph = build_trial_tape(prob, n, t, t1, h, y, k0 if carried else None,
-                                                  first_next=first_next, needs=needs)
+                if first_next:
+                    prob.first_next_steps.add(n)
+                tape = build_tape(prob, needs, n, n + 1, y, k0 if carried else None, replay=False, points=(t, t1))
                 nfe += tape.nfe
-                y1, ks = tape.y_end.detach(), [k.detach() for k in ks_graph]
+                y1, ks = tape.y_end.detach(), [k.detach() for k in tape.ks]
             else:
                 ks_times = prob.stage_times(t, t1, h, True if first_next else None)
                 y1, ks = prob.step(y, ks_times, h_float, k0)
@@ -227,7 +229,7 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
                 tape = None  # a rejected trial's graph goes at once
                 continue
             if taping:
-                check_tape(prob, tape, prob.params, needs, f" (at t = {float(t):.6g})")
+                check_tape(prob, tape, prob.params, needs, lambda: f" (at t = {float(t):.6g})")
             if probe:  # without a backward to come nothing is kept
                 if carried:
                     prob.carried_k0.mark(n)
@@ -248,7 +250,7 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
             if entry:
                 outputs.steps[n] = entry
                 if taping:
-                    values = add_tape_outputs(prob, tape, entry, t_out, t, t1, h, ks_graph, needs)
+                    values = add_tape_outputs(prob, tape, entry, t_out, t, t1, needs)
                     outputs.write(sol, entry, [v.detach() for v in values])
                     del values
                 else:
@@ -259,8 +261,9 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
                 if prob.measure:
                     tape.nbytes = tape_nbytes(prob, tape)
                     prob.held_graph_bytes += tape.nbytes
+                tape.ks = None  # the stages' memory goes with the graph's own references
                 keeper.put_tape(n, tape)
-                tape = ks_graph = None
+                tape = None
                 taped += 1
             n += 1
             y, t = y1, t1

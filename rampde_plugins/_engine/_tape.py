@@ -33,19 +33,22 @@ class Tape:
     ``y_end``, the last stage ``k_last`` (the root of a carried first stage of step ``n1``) and the
     outputs evaluated inside (``outs``: (entry, values, time leaves) per step)."""
 
-    __slots__ = ("n0", "n1", "y_leaf", "k0_leaf", "pts", "y_end", "k_last", "outs", "ys", "mark",
+    __slots__ = ("n0", "n1", "y_leaf", "k0_leaf", "pts", "y_end", "k_last", "ks", "outs", "ys", "mark",
                  "nfe", "checked", "nbytes")
 
     def clear(self) -> None:
         """Drop every reference into the graph (it is freed once the VJP has run)."""
-        self.y_leaf = self.k0_leaf = self.pts = self.y_end = self.k_last = self.outs = self.ys = None
+        self.y_leaf = self.k0_leaf = self.pts = self.y_end = self.k_last = self.ks = self.outs = self.ys = None
 
 
-def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bool) -> Tape:
+def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bool, points=None) -> Tape:
     """Steps ``n0 .. n1-1`` from state ``y`` (and carried first stage ``k0`` of step n0, or None).
 
     ``replay``: restore each step's random numbers and buffers first (a recomputation; a tape built
-    in the forward is the first run).
+    in the forward is the first run).  ``points``: ``[t_n0, t_n0+1]`` of an adaptive trial, whose
+    grid is not known yet (``frame`` then only says which time gradients are needed, a
+    :class:`TimeNeeds`); the trial's stage values stay in ``tape.ks`` for its error estimate and
+    the outputs evaluated once it is accepted (:func:`add_tape_outputs`), until the driver drops them.
     """
     state_dtype = prob.policy.state_dtype
     outputs, tab = prob.outputs, prob.tableau
@@ -57,7 +60,8 @@ def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, rep
     with torch.enable_grad(), prob.graph_autocast():
         y_leaf = y.detach().to(state_dtype).requires_grad_(True)
         k0_leaf = None if k0 is None else k0.detach().to(state_dtype).requires_grad_(True)
-        pts = [frame.grid[m].clone().requires_grad_(True) for m in range(n0, n1 + 1)] if frame.need_time else None
+        src = points if points is not None else [frame.grid[m] for m in range(n0, n1 + 1)]
+        pts = [p.detach().clone().requires_grad_(True) for p in src] if frame.need_time else None
         cur, k, ks, outs, ys = y_leaf, k0_leaf, None, [], []
         fresh = True  # no buffer restored yet in this tape
         for n in range(n0, n1):
@@ -66,6 +70,11 @@ def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, rep
                 h = t1 - t0
                 stage_t = prob.stage_times(t0, t1, h, True if n in prob.first_next_steps else None)
                 hs = prob.h_for_state(h, cur)
+            elif points is not None:
+                t0, t1 = points
+                h = t1 - t0
+                stage_t = prob.stage_times(t0, t1, h, True if n in prob.first_next_steps else None)
+                hs = float(h)
             else:
                 t0, t1 = frame.grid[n], frame.grid[n + 1]
                 stage_t, hs = frame.table[n]
@@ -97,6 +106,7 @@ def build_tape(prob, frame: Frame, n0: int, n1: int, y: torch.Tensor, k0, *, rep
             cur = y_next
     tape.y_leaf, tape.k0_leaf, tape.pts = y_leaf, k0_leaf, pts
     tape.y_end, tape.k_last, tape.outs, tape.ys = cur, ks[-1], outs, ys
+    tape.ks = ks if points is not None else None
     return tape
 
 
@@ -110,49 +120,15 @@ class TimeNeeds:
         self.need_time, self.need_tout = bool(need_grid or need_tout), bool(need_tout)
 
 
-def build_trial_tape(prob, n: int, t0, t1, h, y: torch.Tensor, k0, *, first_next: bool, needs: TimeNeeds):
-    """Adaptive step ``n``'s trial from ``t0`` to ``t1`` (controller's size ``h``) with a graph, for
-    schedules that keep the forward's graphs.  Returns (tape, stage values); the outputs of an
-    accepted trial are added with :func:`add_tape_outputs`.
-
-    Without time gradients the arithmetic is the graph-free driver's (stage times from the
-    controller's times, ``h`` as a float); with them the two times are leaves and ``h = t1 - t0``,
-    as a backward-built tape has it.
-    """
-    state_dtype = prob.policy.state_dtype
-    tape = Tape()
-    tape.n0, tape.n1, tape.nfe, tape.checked, tape.nbytes = n, n + 1, 0, False, 0
-    tape.mark = sequence_mark()
-    keep_ys = prob.callback_step_adjoint is not None or prob.callback_accept_step_adjoint is not None
-    with torch.enable_grad(), prob.graph_autocast():
-        y_leaf = y.detach().to(state_dtype).requires_grad_(True)
-        k0_leaf = None if k0 is None else k0.detach().to(state_dtype).requires_grad_(True)
-        if needs.need_time:
-            pts = [t0.detach().clone().requires_grad_(True), t1.detach().clone().requires_grad_(True)]
-            hh = pts[1] - pts[0]
-            stage_t = prob.stage_times(pts[0], pts[1], hh, True if first_next else None)
-            hs = prob.h_for_state(hh, y_leaf)
-        else:
-            pts = None
-            stage_t = prob.stage_times(t0, t1, h, True if first_next else None)
-            hs = float(h)
-        y1, ks = prob.step(y_leaf, stage_t, hs, k0_leaf)
-    tape.nfe = prob.tableau.stages - (k0 is not None)
-    tape.y_leaf, tape.k0_leaf, tape.pts = y_leaf, k0_leaf, pts
-    tape.y_end, tape.k_last, tape.outs = y1, ks[-1], []
-    tape.ys = [y.detach()] if keep_ys else []
-    return tape, ks
-
-
-def add_tape_outputs(prob, tape: Tape, entry, t_out, t0, t1, h, ks, needs: TimeNeeds):
-    """Evaluate an accepted trial's outputs inside its graph; returns the (differentiable) values."""
+def add_tape_outputs(prob, tape: Tape, entry, t_out, t0, t1, needs: TimeNeeds):
+    """Evaluate an accepted trial's outputs inside its graph (as :func:`build_tape` evaluates a
+    step's outputs); returns the (differentiable) values."""
     outputs = prob.outputs
     with torch.enable_grad(), prob.graph_autocast():
         t_leaves = outputs.times(entry, t_out, needs.need_tout)
         if tape.pts is not None:
             t0, t1 = tape.pts
-            h = t1 - t0
-        sd = StepData(prob, t0, t1, h, tape.y_leaf, tape.y_end, ks)
+        sd = StepData(prob, t0, t1, t1 - t0, tape.y_leaf, tape.y_end, tape.ks)
         with prob.full_precision():
             values = outputs.evaluate(entry, sd, t_leaves)
     tape.outs.append((entry, values, t_leaves))
@@ -188,7 +164,7 @@ def tape_inputs(tape: Tape, diff_params, frame: Frame):
     return inputs
 
 
-def check_tape(prob, tape: Tape, diff_params, frame: Frame, where: str) -> None:
+def check_tape(prob, tape: Tape, diff_params, frame: Frame, where) -> None:
     """The hidden-tensor walk over a tape built in the forward (raises there, like the first probe)."""
     roots, _ = tape_roots(tape, None, None, None, prob.outputs)
     refs, outside = prob.check.scan(roots, tape_inputs(tape, diff_params, frame), tape.mark)
