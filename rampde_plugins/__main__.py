@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     lines += ["", "methods (host libraries see rampde_<name>):"]
     rows = [
         (f"rampde_{n}", f"order {t.order}", f"{t.stages} stage{'s' if t.stages != 1 else ''}",
+         "implicit" if t.implicit else "explicit",
          "adaptive" if t.b_err is not None and any(w != 0.0 for w in t.b_err) else "fixed steps",
          registry.provider("tableau", n), t.description)
         for n, t in sorted(registry.tableaus.items())

@@ -121,6 +121,21 @@ class StepReplay:
             nbytes += sum(v.numel() * v.element_size() for v in values)
         return out, nbytes
 
+    def guarded(self, run):
+        """``(run(), changed, None)``, or ``(None, changed, exception)`` if it raised an Exception;
+        ``changed``: it drew random numbers or wrote buffers.  Then, and after an exception, the
+        generators and buffers are put back as they were before it."""
+        rng, values, versions = self._rng_state(), [b.detach().clone() for b in self.buffers], self._versions()
+        out, exc = None, None
+        try:
+            out = run()
+        except Exception as e:  # noqa: BLE001 - handed back to the caller, who raises it
+            exc = e
+        changed = not self._same_rng(self._rng_state(), rng) or self._written(versions, values)
+        if changed or exc is not None:
+            self._apply((rng, values))
+        return out, changed, exc
+
     def changed_since_begin(self) -> bool:
         """At the end of a forward that was not replayed: did the field draw or write after all?"""
         return not self._same_rng(self._rng_state(), self._s0) or self._written()

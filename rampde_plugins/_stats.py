@@ -58,6 +58,10 @@ class SolveStats:
     predicted_bytes: int = 0
     #: under a budget: the peak of the same, measured on the tensors the schedule held
     peak_bytes: int = 0
+    #: implicit methods: Newton iterations over all implicit stages (forward and recomputed steps)
+    newton_iterations: int = 0
+    #: implicit methods, adaptive steps: trial steps rejected because Newton's method did not converge
+    newton_failures: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)

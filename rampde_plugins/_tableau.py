@@ -1,4 +1,4 @@
-"""Butcher tableaus of explicit Runge--Kutta methods, validated on construction.
+"""Butcher tableaus of explicit and diagonally implicit Runge--Kutta methods, validated on construction.
 
 One small value per method (the diffrax habit): the numbers, the order they claim, and a check that
 the numbers deliver it.  The engine reads nothing else, so a tableau registered by any plugin runs
@@ -60,7 +60,8 @@ def _order_conditions(c, a, b, order):
             phi, gamma = [1.0] * s, size(t)
             for child in t:
                 cphi, cgamma = phi_gamma(child)
-                a_phi = [sum(a[i][j] * cphi[j] for j in range(i)) for i in range(s)]
+                # rows may include the diagonal (DIRK): sum over j <= i
+                a_phi = [sum(a[i][j] * cphi[j] for j in range(len(a[i]))) for i in range(s)]
                 phi = [phi[i] * a_phi[i] for i in range(s)]
                 gamma *= cgamma
             memo[t] = (phi, gamma)
@@ -78,13 +79,16 @@ def _tree_str(t) -> str:
 
 @dataclass(frozen=True, eq=False)
 class ButcherTableau:
-    """An explicit Runge--Kutta method ``(c, A, b)`` with its claimed order.
+    """A Runge--Kutta method ``(c, A, b)`` with its claimed order: explicit, or diagonally implicit.
 
     Args:
         name: short lowercase identifier; host libraries see the method as ``rampde_<name>``.
-        c: stage times as fractions of the step, ``c[0] == 0``.
-        a: the strictly lower-triangular stage matrix, either as ragged rows (row ``i`` has ``i``
-            entries) or as a full ``s x s`` matrix whose diagonal and upper triangle are zero.
+        c: stage times as fractions of the step (``c[0] == 0`` for an explicit method).
+        a: the lower-triangular stage matrix, either as ragged rows (row ``i`` has ``i`` entries, or
+            ``i + 1`` with its diagonal entry last) or as a full ``s x s`` matrix whose upper triangle
+            is zero.  A non-zero diagonal makes the method diagonally implicit (DIRK; ESDIRK when
+            ``a[0][0] == 0``): each such stage is solved by Newton's method.  Fully implicit methods
+            (a non-zero upper triangle: Radau IIA, Gauss) are not supported.
         b: solution weights.
         order: the classical order the method claims; every order condition up to it (one per
             rooted tree, Butcher's theory) is checked.
@@ -103,6 +107,8 @@ class ButcherTableau:
     order: int
     b_err: tuple[float, ...] | None = None
     description: str = ""
+    #: the diagonal of A (all zero for an explicit method)
+    diag: tuple[float, ...] = field(init=False)
     # Derived, filled by __post_init__: which stages the torchdiffeq-style `perturb` option nudges.
     _c_is_one: tuple[bool, ...] = field(init=False, repr=False)
 
@@ -137,37 +143,46 @@ class ButcherTableau:
             raise ValueError(
                 f"ButcherTableau {name!r}: len(c)={len(c_t)}, len(a)={len(rows)} and len(b)={s} must agree"
             )
-        # Accept ragged rows or a full square matrix; store ragged rows.
-        ragged = []
+        # Accept ragged rows (with or without the diagonal) or a full square matrix; store the
+        # strictly lower rows and the diagonal apart (the explicit engine reads only the former).
+        ragged, diag = [], []
         for i, row in enumerate(rows):
+            if len(row) == s > i + 1:  # a row of the square matrix: nothing above the diagonal
+                if any(x != 0.0 for x in row[i + 1:]):
+                    raise ValueError(
+                        f"ButcherTableau {name!r}: a[{i}] has non-zero entries above the diagonal; fully "
+                        "implicit methods (Radau IIA, Gauss) are not supported -- only explicit and "
+                        "diagonally implicit (DIRK) methods"
+                    )
+                row = row[: i + 1]
             if len(row) == i:
                 ragged.append(row)
-            elif len(row) == s:
-                if any(x != 0.0 for x in row[i:]):
-                    raise ValueError(
-                        f"ButcherTableau {name!r}: a[{i}] has non-zero entries on or above the diagonal; "
-                        "only explicit methods are supported by this engine"
-                    )
+                diag.append(0.0)
+            elif len(row) == i + 1:
                 ragged.append(row[:i])
+                diag.append(row[i])
             else:
                 raise ValueError(
-                    f"ButcherTableau {name!r}: a[{i}] has {len(row)} entries; expected {i} (ragged) or {s} (square)"
+                    f"ButcherTableau {name!r}: a[{i}] has {len(row)} entries; expected {i} or {i + 1} (ragged, "
+                    f"the diagonal last) or {s} (square)"
                 )
-        if c_t[0] != 0.0:
+        implicit = any(x != 0.0 for x in diag)
+        if not implicit and c_t[0] != 0.0:
             raise ValueError(f"ButcherTableau {name!r}: c[0]={c_t[0]} must be 0 for an explicit method")
-        for x in (*c_t, *b_t, *(v for r in ragged for v in r), *(be_t or ())):
+        for x in (*c_t, *b_t, *(v for r in ragged for v in r), *diag, *(be_t or ())):
             if not math.isfinite(x):
                 raise ValueError(f"ButcherTableau {name!r}: coefficient {x} is not finite")
+        full_rows = [r + (d,) for r, d in zip(ragged, diag)]
         # Row sums equal c: the stage times must be where the stage states actually are, or the
         # method loses order on non-autonomous problems.
         for i in range(s):
-            if abs(sum(ragged[i]) - c_t[i]) > _TOL * max(1.0, abs(c_t[i])):
+            if abs(sum(full_rows[i]) - c_t[i]) > _TOL * max(1.0, abs(c_t[i])):
                 raise ValueError(
-                    f"ButcherTableau {name!r}: row {i} of a sums to {sum(ragged[i])!r} but c[{i}]={c_t[i]!r}"
+                    f"ButcherTableau {name!r}: row {i} of a sums to {sum(full_rows[i])!r} but c[{i}]={c_t[i]!r}"
                 )
         # 1e-10: coefficients typed to ~16 digits satisfy the conditions to ~1e-15; a wrong
         # coefficient misses them by far more.
-        for tree, value, expected in _order_conditions(c_t, ragged, b_t, order):
+        for tree, value, expected in _order_conditions(c_t, full_rows, b_t, order):
             if abs(value - expected) > 1e-10:
                 raise ValueError(
                     f"ButcherTableau {name!r} claims order {order} but violates the order condition of the "
@@ -181,6 +196,7 @@ class ButcherTableau:
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "c", c_t)
         object.__setattr__(self, "a", tuple(ragged))
+        object.__setattr__(self, "diag", tuple(diag))
         object.__setattr__(self, "b", b_t)
         object.__setattr__(self, "order", order)
         object.__setattr__(self, "b_err", be_t)
@@ -193,10 +209,23 @@ class ButcherTableau:
         return len(self.b)
 
     @property
+    def implicit(self) -> bool:
+        """True for a diagonally implicit method (some stage is solved by Newton's method)."""
+        return any(x != 0.0 for x in self.diag)
+
+    @property
+    def explicit_first_stage(self) -> bool:
+        """The first stage is ``f(t_n, y_n)`` (every explicit method; ESDIRK methods)."""
+        return self.diag[0] == 0.0
+
+    @property
     def fsal(self) -> bool:
-        """First same as last: the last stage is evaluated at (t_{n+1}, y_{n+1}) (e.g. Dormand--Prince)."""
+        """First same as last: the last stage is evaluated at (t_{n+1}, y_{n+1}) (e.g. Dormand--Prince).
+
+        Never for an implicit method: its last stage meets y_{n+1} only to the Newton tolerance, and
+        reusing it as the next first stage would not be the same function bit for bit."""
         s = self.stages
-        return s > 1 and self.c[-1] == 1.0 and self.b[-1] == 0.0 and self.a[-1] == self.b[:-1]
+        return not self.implicit and s > 1 and self.c[-1] == 1.0 and self.b[-1] == 0.0 and self.a[-1] == self.b[:-1]
 
     def same_coefficients(self, other: "ButcherTableau", tol: float = 1e-14) -> bool:
         """True when ``other`` is the same method to ``tol`` (used to merge host tableaus).
@@ -212,6 +241,7 @@ class ButcherTableau:
         if self.b_err is not None:
             pairs += list(zip(self.b_err, other.b_err))
         pairs += [p for r1, r2 in zip(self.a, other.a) for p in zip(r1, r2)]
+        pairs += list(zip(self.diag, other.diag))
         return all(abs(x - y) <= tol for x, y in pairs)
 
 
@@ -252,3 +282,36 @@ BUILTIN_TABLEAUS = (
         description="the classic fourth-order Runge-Kutta method",
     ),
 )
+
+
+def _implicit_builtins() -> tuple:
+    """The diagonally implicit built-ins.  Names and coefficients are torchdiffeq main's where it has
+    the method (implicit_euler, implicit_midpoint, trapezoid, sdirk2, trbdf2); trbdf2 also carries
+    Hosea & Shampine's third-order embedded estimate, so it adapts unless a grid is given."""
+    s2 = math.sqrt(2.0)
+    g = 1.0 - s2 / 2.0  # sdirk2's and trbdf2's diagonal; L-stable
+    w = s2 / 4.0
+    trbdf2_b, trbdf2_bhat = (w, w, g), ((1.0 - w) / 3.0, (3.0 * w + 1.0) / 3.0, g / 3.0)
+    # Kvaerno (2004) ESDIRK 3(2): gamma is the root of 6x^3 - 18x^2 + 9x - 1 near 0.436 (L-stability)
+    k = 0.43586652150845899942
+    kv_a3 = ((-4 * k * k + 6 * k - 1) / (4 * k), (-2 * k + 1) / (4 * k), k)
+    kv_b = ((6 * k - 1) / (12 * k), -1 / ((24 * k - 12) * k), (-6 * k * k + 6 * k - 1) / (6 * k - 3), k)
+    return (
+        ButcherTableau("implicit_euler", c=[1.0], a=[[1.0]], b=[1.0], order=1,
+                       description="backward Euler (L-stable)"),
+        ButcherTableau("implicit_midpoint", c=[0.5], a=[[0.5]], b=[1.0], order=2,
+                       description="implicit midpoint rule (A-stable, symplectic)"),
+        ButcherTableau("trapezoid", c=[0.0, 1.0], a=[[], [0.5, 0.5]], b=[0.5, 0.5], order=2,
+                       description="trapezoidal rule / Crank-Nicolson (A-stable)"),
+        ButcherTableau("sdirk2", c=[g, 1.0], a=[[g], [1.0 - g, g]], b=[1.0 - g, g], order=2,
+                       description="two-stage SDIRK, gamma = 1 - 1/sqrt(2) (L-stable)"),
+        ButcherTableau("trbdf2", c=[0.0, 2.0 * g, 1.0], a=[[], [g, g], [w, w, g]], b=list(trbdf2_b), order=2,
+                       b_err=[x - y for x, y in zip(trbdf2_b, trbdf2_bhat)],
+                       description="TR-BDF2 ESDIRK 2(3), Hosea-Shampine error estimate (L-stable)"),
+        ButcherTableau("kvaerno3", c=[0.0, 2.0 * k, 1.0, 1.0], a=[[], [k, k], list(kv_a3), list(kv_b)], b=list(kv_b),
+                       order=3, b_err=[x - y for x, y in zip(kv_b, (*kv_a3, 0.0))],
+                       description="Kvaerno's ESDIRK 3(2), stiffly accurate (L-stable)"),
+    )
+
+
+BUILTIN_TABLEAUS = BUILTIN_TABLEAUS + _implicit_builtins()

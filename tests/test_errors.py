@@ -77,6 +77,19 @@ def test_grid_constructor_with_wrong_endpoints():
         _call(options={"grid_constructor": lambda f, y0, t: torch.linspace(0, 2, 5)})
 
 
+@pytest.mark.parametrize("bad", [5, (1 << 16) - 1, 1 << 16, (1 << 16) + 3])
+def test_long_grid_not_increasing_names_the_index(bad):
+    # the grid is checked a chunk (2^16 points) at a time: a fault on either side of a chunk boundary
+    n = (1 << 16) + 8
+    grid = torch.linspace(0.0, 1.0, n)
+    grid[bad + 1] = grid[bad]
+    with pytest.raises(ValueError, match=rf"strictly increasing; grid\[{bad}\]=.* >= grid\[{bad + 1}\]"):
+        _call(t=torch.tensor([0.0, 1.0]), options={"grid_constructor": lambda f, y0, t: grid})
+    grid[bad + 1] = math.nan
+    with pytest.raises(ValueError, match=r"must be finite"):
+        _call(t=torch.tensor([0.0, 1.0]), options={"grid_constructor": lambda f, y0, t: grid})
+
+
 def test_unsupported_autocast_dtype_on_device_is_not_silent():
     policy = rampde_plugins.PrecisionPolicy("fp32_autocast", torch.float32, torch.float32)
     with pytest.raises(ValueError, match=r"torch.autocast does not support on device type 'cpu'; valid autocast dtypes there: float16, bfloat16"):

@@ -13,6 +13,7 @@ from rampde_plugins import (
     PrecisionPolicy,
     checkpoint_schedule,
     get_registry,
+    newton_options,
     resolve_policy,
     solve_adaptive,
     solve_grid,
@@ -36,7 +37,11 @@ OPTIONS = {
                   "(binomial, c stored states) or a rampde_plugins schedule object",
     "memory_budget": "bytes or a size such as '512MB': rampde runs the first of 'graphs', 'steps', binomial whose "
                      "predicted peak fits (exclusive with checkpoint)",
+    "linear_solver": "implicit methods: 'auto' (default), 'dense' (LU of the Jacobian) or 'krylov' (matrix-free GMRES)",
+    "newton": "implicit methods: dict of rampde_plugins.NewtonOptions fields (rtol, atol, max_iter, linear_rtol, "
+              "dense_max); default tolerances 1e-2 x the solver's rtol/atol",
 }
+IMPLICIT_ONLY = ("linear_solver", "newton")
 # torchdiffeq hands these to every solver; a fixed grid has no use for them.
 _HOST_ARGS = ("rtol", "atol", "norm")
 
@@ -96,8 +101,17 @@ def _grid_from_step_size(t: torch.Tensor, step_size) -> torch.Tensor:
     """torchdiffeq's grid: t0 + k*h, last point replaced by t[-1]."""
     start, end = t[0], t[-1]
     niters = int(torch.ceil((end - start) / step_size + 1).item())
-    grid = torch.arange(0, niters, dtype=t.dtype, device=t.device) * step_size + start
-    return torch.cat([grid[:-1], end.reshape(1)])
+    grid = torch.arange(0, niters, dtype=t.dtype, device=t.device).mul_(step_size).add_(start)
+    # in place: a concatenated copy would hold the grid twice at the peak of a long solve
+    grid[-1] = end
+    return grid
+
+
+def _smallest(tol, default: float) -> float:
+    """A scalar tolerance (torchdiffeq allows a tensor of per-component ones: the tightest counts)."""
+    if tol is None:
+        return default
+    return float(tol.min()) if isinstance(tol, torch.Tensor) else float(tol)
 
 
 class RampdeFixedGridSolver:
@@ -123,6 +137,21 @@ class RampdeFixedGridSolver:
                 f"odeint(method={self.method!r}): option(s) {sorted(opts['adaptive'])} apply to adaptive steps; "
                 + ("this method has no error estimate" if self.tableau.b_err is None else "a fixed grid was requested")
             )
+        given = [k for k in IMPLICIT_ONLY if options.get(k) is not None]
+        if given and not self.tableau.implicit:
+            raise ValueError(f"odeint(method={self.method!r}): option(s) {given} apply to implicit methods; this method is explicit")
+        if self.tableau.implicit:
+            spec = dict(opts["newton"]) if isinstance(opts["newton"], dict) else opts["newton"]
+            if opts["linear_solver"] is not None:
+                if spec is None or isinstance(spec, dict):
+                    spec = {**(spec or {}), "linear_solver": opts["linear_solver"]}
+                else:
+                    spec = spec._replace(linear_solver=opts["linear_solver"])
+            nw = newton_options(spec, owner=f"odeint(method={self.method!r}): options['newton']")
+            # Newton to 1e-2 of the solver's tolerances (torchdiffeq passes rtol=1e-7, atol=1e-9 by default)
+            opts["newton"] = nw._replace(
+                rtol=nw.rtol if nw.rtol is not None else 1e-2 * _smallest(rtol, 1e-7),
+                atol=nw.atol if nw.atol is not None else 1e-2 * _smallest(atol, 1e-9))
         self.rtol, self.atol, self.norm = rtol, atol, norm
         self.func = func
         self.y0 = y0
@@ -197,6 +226,7 @@ class RampdeFixedGridSolver:
                 method=self.method,
                 param_hint="pass them explicitly: options={'adjoint_params': (A, b)}",
                 checkpoint=opts["checkpoint"],
+                newton=opts["newton"],
             )
         return solve_grid(
             inner,
@@ -215,6 +245,7 @@ class RampdeFixedGridSolver:
             method=self.method,
             param_hint="pass them explicitly: options={'adjoint_params': (A, b)}",
             checkpoint=opts["checkpoint"],
+            newton=opts["newton"],
         )
 
     def integrate_until_event(self, t0, event_fn):

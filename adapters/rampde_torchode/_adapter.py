@@ -33,7 +33,7 @@ from rampde_plugins import HostAdapter, UnsupportedHostError, checkpoint_schedul
 PREFIX = "rampde_"
 
 # Keywords of rampde's own that solve_ivp accepts for rampde methods, passed on to RampdeAdjoint.
-_RAMPDE_SOLVE_OPTIONS = ("checkpoint", "memory_budget")
+_RAMPDE_SOLVE_OPTIONS = ("checkpoint", "memory_budget", "linear_solver", "newton")
 _SOLVE_OPTIONS: contextvars.ContextVar[dict] = contextvars.ContextVar("rampde_solve_options", default={})
 
 # Tableaus torchode defines: registered by this plugin (shared with other hosts by name) and solved

@@ -30,9 +30,11 @@ from rampde_plugins import (
     BatchedOutputs,
     BatchedStepController,
     ButcherTableau,
+    NewtonOptions,
     check_tolerance,
     checkpoint_schedule,
     get_registry,
+    newton_options,
     resolve_policy,
     solve_batched,
     solve_batched_adaptive,
@@ -203,6 +205,12 @@ class TorchodeController(BatchedStepController):
         self.state = self.controller.merge_states(running, self.next_state, self.state)
 
 
+def _scalar_tol(tol, default: float) -> float:
+    if tol is None:
+        return default
+    return float(tol.min()) if isinstance(tol, torch.Tensor) else float(tol)
+
+
 class RampdeAdjoint(torch.nn.Module):
     """Use where torchode's ``AutoDiffAdjoint`` is used; runs the rampde engine.
 
@@ -225,6 +233,11 @@ class RampdeAdjoint(torch.nn.Module):
         memory_budget: bytes or a size such as ``"512MB"`` instead of ``checkpoint``: the first of
             ``"graphs"`` (fixed steps), ``"steps"``, binomial whose predicted peak fits is chosen per
             solve (``stats["rampde"]`` says which).
+        linear_solver: implicit (DIRK) methods: ``"auto"`` (default), ``"dense"`` (per-sample LU of the
+            Jacobian) or ``"krylov"`` (matrix-free GMRES).
+        newton: implicit methods: a dict of :class:`rampde_plugins.NewtonOptions` fields (``rtol``,
+            ``atol``, ``max_iter``, ...); default tolerances 1e-2 x the controller's ``rtol``/``atol``
+            (1e-9/1e-11 with fixed steps).
 
     ``solve(problem, term=None, dt0=None, args=None)`` returns a torchode ``Solution``; its ``stats``
     has torchode's keys (``n_f_evals``, ``n_steps``, ``n_accepted``, ``n_initialized``) plus
@@ -232,9 +245,21 @@ class RampdeAdjoint(torch.nn.Module):
     """
 
     def __init__(self, step_method, step_size_controller, *, max_steps=None, precision=None, params=None,
-                 scaler=None, checkpoint=None, memory_budget=None, backprop_through_step_size_control=True):
+                 scaler=None, checkpoint=None, memory_budget=None, linear_solver=None, newton=None,
+                 backprop_through_step_size_control=True):
         super().__init__()
-        tableau_of(step_method)  # fail early on an unsupported method
+        tableau = tableau_of(step_method)  # fail early on an unsupported method
+        given = [n for n, v in (("linear_solver", linear_solver), ("newton", newton)) if v is not None]
+        if given and not tableau.implicit:
+            raise ValueError(f"RampdeAdjoint: {', '.join(given)} apply to implicit methods; {tableau.name!r} is explicit")
+        self.newton = None
+        if tableau.implicit:
+            spec = newton._asdict() if isinstance(newton, NewtonOptions) else newton
+            if linear_solver is not None:
+                if spec is not None and not isinstance(spec, dict):
+                    raise TypeError(f"RampdeAdjoint(newton=...) must be a dict or NewtonOptions, got {type(spec).__name__}")
+                spec = {**(spec or {}), "linear_solver": linear_solver}
+            self.newton = newton_options(spec, owner="RampdeAdjoint(newton=...)")
         self.checkpoint = checkpoint_schedule(checkpoint, memory_budget=memory_budget,
                                               owner="RampdeAdjoint(checkpoint=...)",
                                               budget_owner="RampdeAdjoint(memory_budget=...)")
@@ -311,7 +336,12 @@ class RampdeAdjoint(torch.nn.Module):
             stats = {"n_f_evals": empty, "n_steps": empty, "n_accepted": empty, "n_initialized": empty, "rampde": None}
             return Solution(ts=t_eval, ys=ys, stats=stats, status=empty)
         f = term.f if not term.with_args else functools.partial(_with_args, term.f, args)
-        common = dict(
+        newton = self.newton
+        if newton is not None:  # Newton to 1e-2 of the controller's tolerances
+            newton = newton._replace(
+                rtol=newton.rtol if newton.rtol is not None else 1e-2 * _scalar_tol(getattr(controller, "rtol", None), 1e-7),
+                atol=newton.atol if newton.atol is not None else 1e-2 * _scalar_tol(getattr(controller, "atol", None), 1e-9))
+        common = dict(newton=newton,
             tableau=tableau, policy=policy, params=self.params if self.params is not None else tuple(term.parameters()),
             buffers=tuple(term.buffers()), scaler=self.scaler, param_hint=PARAM_HINT, checkpoint=self.checkpoint,
             method=f"rampde_{tableau.name}" if isinstance(method, RampdeStepMethod) else tableau.name,

@@ -24,8 +24,9 @@ leave their state unchanged exactly).  Where outputs fall and how they are inter
 Modules, one job each: ``_steppers`` (one step and its kernels), ``_times`` (grids and stage-time
 tables), ``_outputs`` (output plans), ``_problem`` (the record a solve's forward and backward share),
 ``_drivers`` (fixed-grid and adaptive forward loops), ``_schedules`` (what the forward keeps for the
-backward: checkpoint schedules), ``_budget`` (memory budgets: measure one step, choose a schedule), ``_scaling`` (adjoint scaling), ``_adjoint`` (the reverse sweep and
-the autograd Function), ``_api`` (the entry points below).
+backward: checkpoint schedules), ``_budget`` (memory budgets: measure one step, choose a schedule), ``_implicit`` (the DIRK stepper:
+Newton per stage and the stage's transposed solve for the adjoint), ``_scaling`` (adjoint scaling),
+``_adjoint`` (the reverse sweep and the autograd Function), ``_api`` (the entry points below).
 """
 
 from ._api import solve_adaptive, solve_batched, solve_batched_adaptive, solve_grid
@@ -34,10 +35,11 @@ from ._outputs import INTERPOLATIONS, BatchedOutputs
 from ._budget import MemoryBudget, checkpoint_schedule, parse_memory_budget
 from ._schedules import BinomialSchedule, CheckpointSchedule, GraphsSchedule, SegmentsSchedule, StepsSchedule
 from ._steppers import StepData
+from ._implicit import LINEAR_SOLVERS, NewtonFailure, NewtonOptions, newton_options
 
 __all__ = [
     "solve_grid", "solve_batched", "solve_adaptive", "solve_batched_adaptive", "StepController",
     "BatchedStepController", "BatchedOutputs", "StepData", "INTERPOLATIONS", "CheckpointSchedule",
     "StepsSchedule", "GraphsSchedule", "SegmentsSchedule", "BinomialSchedule", "checkpoint_schedule",
-    "MemoryBudget", "parse_memory_budget",
+    "MemoryBudget", "parse_memory_budget", "NewtonOptions", "NewtonFailure", "newton_options", "LINEAR_SOLVERS",
 ]

@@ -99,7 +99,7 @@ class _Sweep:
         n0, n1 = tape.n0, tape.n1
         if prob.callback_step_adjoint is not None:
             for n in range(n1 - 1, n0 - 1, -1):
-                prob.callback_step_adjoint(frame.grid[n], tape.ys[n - n0], frame.table.h_all[n])
+                prob.callback_step_adjoint(frame.grid[n], tape.ys[n - n0], frame.table.h_at(n))
         roots, cot = tape_roots(tape, self.a, self.a_k, self.g, prob.outputs)
         inputs = tape_inputs(tape, self.diff_params, frame)
         refs = outside = None
@@ -146,7 +146,7 @@ class _Sweep:
         del grads, k0_leaf
         if prob.callback_accept_step_adjoint is not None:
             for n in range(n1 - 1, n0 - 1, -1):
-                prob.callback_accept_step_adjoint(frame.grid[n], ys[n - n0], frame.table.h_all[n])
+                prob.callback_accept_step_adjoint(frame.grid[n], ys[n - n0], frame.table.h_at(n))
         self.reversed += n1 - n0
 
     # -- the end --------------------------------------------------------------------------------

@@ -17,7 +17,27 @@ from ._drivers import BatchedStepController, StepController, _adaptive_forward, 
 from ._outputs import INTERPOLATIONS, BatchedOutputs, _SharedTimeOutputs
 from ._problem import _check_storage, _Problem, _with_replay
 from ._budget import MemoryBudget, checkpoint_schedule, resolve_budget
+from ._implicit import DirkStepper, newton_options
 from ._times import _check_time_dtype
+
+
+def _check_increasing(grid_cpu: torch.Tensor, chunk: int = 1 << 16) -> None:
+    """Raise unless the grid is finite and strictly increasing.
+
+    A chunk at a time: whole-grid checks (``isfinite`` makes an ``abs`` copy, each comparison a
+    mask) held about 7 bytes per step at once -- more than the grid itself -- on a long solve."""
+    n = grid_cpu.shape[0]
+    for c0 in range(0, n, chunk):
+        part = grid_cpu[c0 : min(c0 + chunk, n - 1) + 1]
+        if not bool(torch.isfinite(part).all()):
+            raise ValueError("time grid and output times must be finite")
+        ok = part[1:] > part[:-1]
+        if not bool(ok.all()):
+            bad = c0 + int(torch.nonzero(~ok)[0])
+            raise ValueError(
+                f"the time grid must be strictly increasing; grid[{bad}]={grid_cpu[bad].item()!r} >= "
+                f"grid[{bad + 1}]={grid_cpu[bad + 1].item()!r}"
+            )
 
 
 def solve_grid(
@@ -38,6 +58,7 @@ def solve_grid(
     method: str | None = None,
     param_hint: str = "pass them in params",
     checkpoint=None,
+    newton=None,
 ) -> torch.Tensor:
     """Solve ``dy/dt = f(t, y)`` on one shared time ``grid`` and return the solution at ``t_out``.
 
@@ -86,14 +107,9 @@ def solve_grid(
     # Host-side bookkeeping, one synchronisation per solve: which output falls in which step.
     grid_cpu = grid_t.detach().cpu()
     tout_cpu = t_out_t.detach().cpu()
-    if not bool(torch.isfinite(grid_cpu).all()) or not bool(torch.isfinite(tout_cpu).all()):
+    if not bool(torch.isfinite(tout_cpu).all()):
         raise ValueError("time grid and output times must be finite")
-    if not bool((grid_cpu[1:] > grid_cpu[:-1]).all()):
-        bad = int(torch.nonzero(grid_cpu[1:] <= grid_cpu[:-1])[0])
-        raise ValueError(
-            f"the time grid must be strictly increasing; grid[{bad}]={grid_cpu[bad].item()!r} >= "
-            f"grid[{bad + 1}]={grid_cpu[bad + 1].item()!r}"
-        )
+    _check_increasing(grid_cpu)
     if tout_cpu[0] != grid_cpu[0] or tout_cpu[-1] > grid_cpu[-1] or bool((tout_cpu[1:] < tout_cpu[:-1]).any()):
         raise ValueError(
             "output times must be non-decreasing, start at the grid's first point and end inside the grid "
@@ -101,7 +117,7 @@ def solve_grid(
         )
     prob = _new_problem(
         f, y0, tableau, policy, params, _SharedTimeOutputs(t_out_t, grid_cpu, interp), scaler, method, param_hint,
-        schedule, n_steps=grid_cpu.shape[0] - 1, per_sample=False, perturb=bool(perturb),
+        schedule, n_steps=grid_cpu.shape[0] - 1, per_sample=False, perturb=bool(perturb), newton=newton,
         callback_step=callback_step, callback_step_adjoint=callback_step_adjoint,
     )
     return _run(prob, y0, grid_t, t_out_t, params, buffers)
@@ -121,6 +137,7 @@ def solve_batched(
     method: str | None = None,
     param_hint: str = "pass them in params",
     checkpoint=None,
+    newton=None,
 ) -> torch.Tensor:
     """Solve a batch of problems with one time grid per sample (torchode's layout).
 
@@ -147,7 +164,7 @@ def solve_batched(
     grid_cpu = grid.detach().cpu()
     outputs.plan(grid_cpu)
     prob = _new_problem(f, y0, tableau, policy, params, outputs, scaler, method, param_hint, schedule,
-                        n_steps=grid_cpu.shape[0] - 1, per_sample=True)
+                        n_steps=grid_cpu.shape[0] - 1, per_sample=True, newton=newton)
     return _run(prob, y0, grid, t_eval, params, buffers)
 
 
@@ -168,6 +185,7 @@ def solve_adaptive(
     method: str | None = None,
     param_hint: str = "pass them in params",
     checkpoint=None,
+    newton=None,
 ) -> torch.Tensor:
     """Adaptive-step solve with one shared time, outputs at ``t_out`` (torchdiffeq's layout).
 
@@ -198,7 +216,7 @@ def solve_adaptive(
         raise ValueError("output times must be finite and strictly increasing")
     prob = _new_problem(
         f, y0, tableau, policy, params, _SharedTimeOutputs(t_out_t, None, interp), scaler, method, param_hint,
-        schedule, n_steps=0, per_sample=False, nudge_end=True, callback_step_adjoint=callback_step_adjoint,
+        schedule, n_steps=0, per_sample=False, nudge_end=True, callback_step_adjoint=callback_step_adjoint, newton=newton,
         callback_accept_step_adjoint=callback_accept_step_adjoint,
     )
     diff_params = _attach(prob, params, buffers, param_hint, y0.device)
@@ -238,6 +256,7 @@ def solve_batched_adaptive(
     method: str | None = None,
     param_hint: str = "pass them in params",
     checkpoint=None,
+    newton=None,
 ):
     """Adaptive steps with one step size per sample, all samples stepping together.
 
@@ -267,7 +286,7 @@ def solve_batched_adaptive(
     _check_time_dtype("start times", t_start)
     time_dtype = t_start.dtype
     prob = _new_problem(f, y0, tableau, policy, params, outputs, scaler, method, param_hint, schedule,
-                        n_steps=0, per_sample=True)
+                        n_steps=0, per_sample=True, newton=newton)
     diff_params = _attach(prob, params, buffers, param_hint, y0.device)
     grad_mode = torch.is_grad_enabled()
     needs_graph = grad_mode and (y0.requires_grad or outputs.t_eval.requires_grad or t_start.requires_grad
@@ -302,14 +321,19 @@ def solve_batched_adaptive(
 
 
 def _new_problem(f, y0, tableau, policy, params, outputs, scaler, method, param_hint, schedule, *, n_steps,
-                 per_sample, perturb=False, callback_step=None, callback_step_adjoint=None, **rest) -> _Problem:
+                 per_sample, perturb=False, callback_step=None, callback_step_adjoint=None, newton=None,
+                 **rest) -> _Problem:
     """The record of one solve (and its statistics record, which the collectors see from now on)."""
-    return _Problem(
+    newton = newton_options(newton, owner="newton") if tableau.implicit else None
+    prob = _Problem(
         f=f, tableau=tableau, policy=policy, params=params, outputs=outputs, perturb=perturb, scaler=scaler,
         callback_step=callback_step, callback_step_adjoint=callback_step_adjoint, device_type=y0.device.type,
         record=_new_record(method or f"rampde_{tableau.name}", policy.name), n_steps=n_steps,
         per_sample=per_sample, param_hint=param_hint, schedule=schedule, y_shape=tuple(y0.shape), **rest,
     )
+    if newton is not None:
+        prob.stepper = DirkStepper(prob, newton, None, None)
+    return prob
 
 
 def _schedule(checkpoint, *, adaptive: bool):

@@ -8,6 +8,7 @@ import torch
 
 from .._storage import ChunkedStore
 from ._problem import _check_storage, _Problem, _probe_first, _with_replay
+from ._implicit import NewtonFailure
 from ._steppers import StepData, _check_velocity, _lincomb
 from ._tape import Frame, TimeNeeds, add_tape_outputs, build_tape, check_tape
 from ._budget import MemoryBudget, resolve_budget, tape_nbytes
@@ -44,7 +45,6 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
     sol = outputs.allocate(y, pol.output)
     frame = Frame(prob, grid, t_out, y, prob.need_grid, prob.need_tout)
     grid, t_out, table = frame.grid, frame.t_out, frame.table
-    h_all = table.h_all
     # First-same-as-last: the last stage of a step is f(t_{n+1}, y_{n+1}) bit for bit (same
     # coefficients, same operation order), so it is the next step's first stage.  Not with
     # `perturb`, which evaluates the two at different sides of t_{n+1}, and not for a field that is
@@ -69,7 +69,7 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
             if n and replay is not None:
                 replay.capture(n)
             if prob.callback_step is not None:
-                prob.callback_step(grid[n], y, h_all[n])
+                prob.callback_step(grid[n], y, table.h_at(n))
             if keeper is not None and keeper.tape_now(n):
                 # This step's graph is kept for the backward (the tape checks itself for hidden tensors).
                 tape = build_tape(prob, frame, n, n + 1, y, None, replay=False)
@@ -88,7 +88,10 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
                 k0 = None
                 continue
             stage_t, h_n = table[n]
-            y_next, ks = prob.step(y, stage_t, h_n, k0)
+            try:
+                y_next, ks = prob.step(y, stage_t, h_n, k0)
+            except NewtonFailure as exc:  # a fixed grid cannot shrink the step: say which one it was
+                raise NewtonFailure(f"{exc} [step {n} of {n_steps}]", exc.t, exc.h, exc.residual) from None
             nfe += tab.stages - (k0 is not None)
             if watch and y_next.requires_grad:
                 refs, outside = prob.check.scan([y_next], (y,))
@@ -96,7 +99,7 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
                 prob.check.raise_if_hidden(refs, outside, f" (at step {n}, t = {float(grid[n].min()):.6g})")
             entry = outputs.steps.get(n)
             if entry is not None:
-                sd = StepData(prob, grid[n], grid[n + 1], h_all[n], y, y_next, ks)
+                sd = StepData(prob, grid[n], grid[n + 1], table.h_at(n), y, y_next, ks)
                 with prob.full_precision():
                     values = outputs.evaluate(entry, sd, outputs.times(entry, t_out, False))
                 outputs.write(sol, entry, [v.detach() for v in values] if watch else values)
@@ -208,23 +211,35 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
             t1, h = controller.propose(t, y)
             h_float = float(h)
             stage_token = replay.snapshot() if active else None
-            if taping:
-                if first_next:
-                    prob.first_next_steps.add(n)
-                tape = build_tape(prob, needs, n, n + 1, y, k0 if carried else None, replay=False, points=(t, t1))
-                nfe += tape.nfe
-                y1, ks = tape.y_end.detach(), [k.detach() for k in tape.ks]
-            else:
-                ks_times = prob.stage_times(t, t1, h, True if first_next else None)
-                y1, ks = prob.step(y, ks_times, h_float, k0)
-                nfe += tab.stages - 1
+            failure = None
+            try:
+                if taping:
+                    if first_next:
+                        prob.first_next_steps.add(n)
+                    tape = build_tape(prob, needs, n, n + 1, y, k0 if carried else None, replay=False, points=(t, t1))
+                    nfe += tape.nfe
+                    y1, ks = tape.y_end.detach(), [k.detach() for k in tape.ks]
+                else:
+                    ks_times = prob.stage_times(t, t1, h, True if first_next else None)
+                    y1, ks = prob.step(y, ks_times, h_float, k0)
+                    nfe += tab.stages - 1
+            except NewtonFailure as exc:  # an implicit stage did not converge: the trial is rejected
+                failure, tape = exc, None
+                prob.record.newton_failures += 1
+                y1, ks = y, None
             if watch and y1.requires_grad:
                 refs, outside = prob.check.scan([y1], (y,))
                 y1, ks = y1.detach(), [k.detach() for k in ks]
                 prob.check.raise_if_hidden(refs, outside, f" (at t = {float(t):.6g})")
-            err = _lincomb(ks, tab.b_err)
-            err = torch.zeros_like(y) if err is None else err * h_float
-            if not controller.judge(t, t1, h, y, y1, err):
+            if failure is not None:
+                err = torch.full_like(y, math.inf)  # every controller shrinks the step on it
+            else:
+                err = _lincomb(ks, tab.b_err)
+                err = torch.zeros_like(y) if err is None else err * h_float
+            accepted = controller.judge(t, t1, h, y, y1, err)
+            if failure is not None and accepted:  # (at min_step the controller accepts anything)
+                raise failure
+            if not accepted:
                 rejected += 1
                 tape = None  # a rejected trial's graph goes at once
                 continue
@@ -379,15 +394,26 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                 replay.capture(n)
                 k0 = f_counted(t, y)
             h_state = prob.h_for_state(dt, y)
-            y1, ks = prob.step(y, prob.stage_times(t, t + dt, dt), h_state, k0)
+            failure = None
+            try:
+                y1, ks = prob.step(y, prob.stage_times(t, t + dt, dt), h_state, k0)
+            except NewtonFailure as exc:  # an implicit stage did not converge: every sample rejects
+                failure = exc
+                record.newton_failures += 1
+                y1, ks = y, [k0] * tableau.stages
             nfe += tableau.stages - 1
             if prob.watch and y1.requires_grad:
                 refs, outside = prob.check.scan([y1], (y,))
                 y1, ks = y1.detach(), [k.detach() for k in ks]
                 prob.check.raise_if_hidden(refs, outside, f" (at iteration {n})")
-            err = _lincomb(ks, tableau.b_err)
-            err = torch.zeros_like(y) if err is None else err * h_state
+            if failure is not None:
+                err = torch.full_like(y, math.inf)
+            else:
+                err = _lincomb(ks, tableau.b_err)
+                err = torch.zeros_like(y) if err is None else err * h_state
             accept, dt_next, st = controller.judge(t, dt, y, y1, err)
+            if failure is not None and bool((accept & running).any()):
+                raise failure
             to_update = accept & running
             t_new = torch.where(to_update, t + dt, t)
             anchored = anchored | (will_anchor & to_update)

@@ -61,6 +61,8 @@ class _Problem:
     measure: bool = False
     held_graph_bytes: int = 0
     time_bytes: tuple = (0, 0)  # the time grid kept for the backward: fixed bytes, bytes per step
+    # an implicit tableau's stepper (Newton per stage, see _implicit); None: the explicit RK step
+    stepper: object = None
 
     def held_extra_bytes(self) -> int:
         """What a budgeted solve holds besides states and graphs: its time grid, its replay records."""
@@ -145,6 +147,8 @@ class _Problem:
         ``y + h*sum(a_ij k_j)`` is a chain of fused ``add(alpha=...)`` kernels) or a tensor in the
         state dtype that broadcasts against ``y``.
         """
+        if self.stepper is not None:
+            return self.stepper.step(y, times, h, k0)
         f, tab, state_dtype = self.f, self.tableau, self.policy.state_dtype
         ks: list[torch.Tensor] = []
         for i in range(tab.stages):
@@ -221,6 +225,12 @@ def _probe_first(prob: _Problem, t_first, y):
 def _with_replay(prob: _Problem, run, store: bool):
     """Run a forward (``run(replaying)``); again, replayed, if the field turned out to draw random
     numbers or write buffers only after its first evaluation (see :mod:`._replay`)."""
+    if prob.stepper is not None and prob.replay is not None:
+        return prob.stepper.deterministic(prob.replay, lambda: _with_replay_once(prob, run, store))
+    return _with_replay_once(prob, run, store)
+
+
+def _with_replay_once(prob: _Problem, run, store: bool):
     replay = prob.replay if store else None
     if replay is not None:
         replay.begin()

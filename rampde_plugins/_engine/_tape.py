@@ -78,7 +78,7 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
             else:
                 t0, t1 = frame.grid[n], frame.grid[n + 1]
                 stage_t, hs = frame.table[n]
-                h = frame.table.h_all[n]
+                h = frame.table.h_at(n)
             if keep_ys:
                 ys.append(cur.detach())
             if rp is not None:

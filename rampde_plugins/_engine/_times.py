@@ -22,16 +22,22 @@ class _StepTable:
 
     def __init__(self, prob: "_Problem", grid: torch.Tensor, y: torch.Tensor):
         self.prob, self.grid, self.y = prob, grid, y
-        self.h_all = grid[1:] - grid[:-1]
+        self.n_steps = grid.shape[0] - 1
         self.start, self.stop = 0, -1
+
+    def h_at(self, n: int) -> torch.Tensor:
+        """Step n's size as a 0-d tensor in the time dtype (``grid[n+1] - grid[n]``, computed on
+        demand: a whole-grid difference would be one more time value per step held for the solve)."""
+        return self.grid[n + 1] - self.grid[n]
 
     def __getitem__(self, n: int):
         """(stage times of step n, its step size: a float, or a state-shaped tensor per sample)."""
         if not self.start <= n < self.stop:
             c0 = n - n % self.CHUNK
-            c1 = min(c0 + self.CHUNK, self.h_all.shape[0])
-            self.times = self.prob.stage_time_table(self.grid[c0 : c1 + 1], offset=c0).unbind(0)
-            h = self.h_all[c0:c1]
+            c1 = min(c0 + self.CHUNK, self.n_steps)
+            pts = self.grid[c0 : c1 + 1]
+            self.times = self.prob.stage_time_table(pts, offset=c0).unbind(0)
+            h = pts[1:] - pts[:-1]
             # floats: the steps then use fused add(alpha=h*a_ij) (one synchronisation per chunk)
             self.h = [self.prob.h_for_state(x, self.y) for x in h] if self.prob.per_sample else h.tolist()
             self.start, self.stop = c0, c1

@@ -1,0 +1,466 @@
+"""Diagonally implicit Runge--Kutta steps: Newton's method per stage, and the exact adjoint of a step.
+
+A DIRK stage ``i`` solves ``k_i = f(t_i, base_i + h a_ii k_i)`` with ``base_i = y + h sum_{j<i} a_ij
+k_j``.  The forward iterates on ``k`` in the state dtype::
+
+    F = f(t_i, base + h a_ii k)        (the policy's compute dtype, like every evaluation)
+    k <- k + N^{-1} (F - k),            N = I - h a_ii J
+
+and stops when the change of the stage state ``h a_ii dk`` is within the Newton tolerance; the stage
+value is the last ``F`` and ``k*`` the iterate it was evaluated at.
+
+**The adjoint.**  Rebuilt with a graph (a tape), the stage is ``k_i = T(f(t_i, base_i + h a_ii k*))``
+with ``k*`` a constant and ``T`` the identity whose backward is ``g -> N*^{-T} g``, ``N* = I - h a_ii
+J(t_i, z*)`` at the converged stage state.  By the implicit function theorem that is the derivative of
+the stage equation's solution with respect to ``base_i``, ``h``, ``t_i`` and the parameters -- exact
+up to the Newton tolerance (``k*`` differs from the true root by that much, and ``J`` with it) and the
+transposed solve's tolerance.  The transposed solve is GMRES on ``v -> v - h a_ii J*^T v`` (one VJP
+of ``f`` per iteration), preconditioned by the forward's factorised ``N`` in dense mode (one or two
+iterations when ``J`` barely changes over the step).
+
+**Linear solves.**  ``"dense"``: ``J`` at the step's start, formed from VJPs in the state dtype (full
+precision: a bf16 iteration matrix would not converge on a stiff problem), LU-factorised once per
+distinct diagonal entry and reused over the step's iterations and stages (modified Newton).
+``"krylov"``: Jacobian-free Newton--Krylov, ``J v`` by double backward at each iterate, GMRES to
+``linear_rtol``.  Jacobians are per sample (blocks of ``d x d``) when the samples have their own
+times (torchode's layout, where samples are independent by construction) and over the whole state
+otherwise (a torchdiffeq field may couple the batch: BatchNorm, attention).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ._steppers import _axpy, _bad_velocity
+
+__all__ = ["NewtonOptions", "NewtonFailure", "newton_options", "LINEAR_SOLVERS"]
+
+LINEAR_SOLVERS = ("auto", "dense", "krylov")
+
+
+class NewtonOptions(NamedTuple):
+    """How the implicit stages of a DIRK method are solved.
+
+    Attributes:
+        linear_solver: ``"dense"`` (LU of the Jacobian), ``"krylov"`` (matrix-free GMRES) or
+            ``"auto"``: dense up to ``dense_max`` unknowns per Jacobian block, Krylov above.
+        rtol, atol: the Newton tolerance on each stage state, ``|dz| <= atol + rtol |z|`` (RMS over a
+            sample or the state).  Default: 1e-2 times the solver's ``rtol``/``atol``, never below 4
+            units of roundoff of the state dtype.
+        max_iter: Newton iterations per stage before the step counts as failed (adaptive steps then
+            shrink the step; fixed grids raise).
+        linear_rtol: relative residual of the forward's GMRES solves (inexact Newton), default 1e-3.
+        dense_max: the ``"auto"`` threshold.
+    """
+
+    linear_solver: str = "auto"
+    rtol: float | None = None
+    atol: float | None = None
+    max_iter: int = 10
+    linear_rtol: float = 1e-3
+    dense_max: int = 256
+
+
+class NewtonFailure(RuntimeError):
+    """A stage's Newton iteration did not converge (adaptive drivers reject the step on it)."""
+
+    def __init__(self, message: str, t: float, h: float, residual: float):
+        super().__init__(message)
+        self.t, self.h, self.residual = t, h, residual
+
+
+def newton_options(spec, *, owner: str) -> NewtonOptions:
+    """``spec`` (None, a dict of :class:`NewtonOptions` fields, or a NewtonOptions) validated."""
+    if spec is None:
+        return NewtonOptions()
+    if isinstance(spec, NewtonOptions):
+        fields = spec._asdict()
+    elif isinstance(spec, dict):
+        unknown = sorted(set(spec) - set(NewtonOptions._fields))
+        if unknown:
+            raise ValueError(f"{owner}: unknown Newton option(s) {unknown}; valid: {', '.join(NewtonOptions._fields)}")
+        fields = {**NewtonOptions()._asdict(), **spec}
+    else:
+        raise TypeError(f"{owner} must be a dict or rampde_plugins.NewtonOptions, got {type(spec).__name__}")
+    if fields["linear_solver"] not in LINEAR_SOLVERS:
+        raise ValueError(f"{owner}: linear_solver={fields['linear_solver']!r}; choose one of {', '.join(LINEAR_SOLVERS)}")
+    for name in ("rtol", "atol"):
+        v = fields[name]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v)):
+            raise ValueError(f"{owner}: {name}={v!r} must be a positive finite number or None")
+    for name in ("max_iter", "dense_max"):
+        v = fields[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{owner}: {name}={v!r} must be a positive integer")
+    v = fields["linear_rtol"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise ValueError(f"{owner}: linear_rtol={v!r} must be a number in (0, 1)")
+    return NewtonOptions(**fields)
+
+
+def gmres(op, b: torch.Tensor, *, rtol: float, max_iter: int, precond=None, restarts: int = 4):
+    """Solve ``op(x) = b`` for a batch of independent systems (rows of ``b``, shape ``(G, n)``).
+
+    Left-preconditioned restarted GMRES (modified Gram--Schmidt Arnoldi); ``op`` and ``precond`` map
+    ``(G, n)`` to ``(G, n)``.  Returns ``(x, relres)`` with ``relres`` the true relative residual
+    ``|b - op(x)| / |b|`` per row (0 where ``b`` is 0)."""
+    pre = (lambda v: v) if precond is None else precond
+    G, n = b.shape
+    x = torch.zeros_like(b)
+    bnorm = b.norm(dim=1)
+    tiny = torch.finfo(b.dtype).tiny
+    m = max(1, min(max_iter, n))
+    relres = torch.zeros_like(bnorm)
+    for _ in range(restarts + 1):
+        r = b - op(x) if bool((x != 0).any()) else b
+        relres = torch.where(bnorm > 0, r.norm(dim=1) / bnorm.clamp_min(tiny), torch.zeros_like(bnorm))
+        if bool((relres <= rtol).all()):
+            break
+        r = pre(r)
+        beta = r.norm(dim=1)
+        V = [r / beta.clamp_min(tiny)[:, None]]
+        H = b.new_zeros(G, m + 1, m)
+        e1 = b.new_zeros(G, m + 1)
+        e1[:, 0] = beta
+        target = rtol * pre(b).norm(dim=1)
+        y = None
+        for j in range(m):
+            w = pre(op(V[j]))
+            for i in range(j + 1):
+                hij = (w * V[i]).sum(dim=1)
+                H[:, i, j] = hij
+                w = w - hij[:, None] * V[i]
+            hn = w.norm(dim=1)
+            H[:, j + 1, j] = hn
+            V.append(w / hn.clamp_min(tiny)[:, None])
+            y = torch.linalg.lstsq(H[:, : j + 2, : j + 1], e1[:, : j + 2, None]).solution[..., 0]
+            res = (e1[:, : j + 2] - (H[:, : j + 2, : j + 1] @ y[..., None])[..., 0]).norm(dim=1)
+            if bool((res <= target).all()):
+                break
+        x = x + sum(y[:, i, None] * V[i] for i in range(y.shape[1]))
+    else:
+        r = b - op(x)
+        relres = torch.where(bnorm > 0, r.norm(dim=1) / bnorm.clamp_min(tiny), torch.zeros_like(bnorm))
+    return x, relres
+
+
+class _Layout:
+    """Groups of unknowns that share a Jacobian block: one (the whole state) or one per sample."""
+
+    def __init__(self, y: torch.Tensor, per_sample: bool):
+        self.shape = y.shape
+        self.groups = y.shape[0] if per_sample else 1
+        self.n = y.numel() // max(self.groups, 1) if y.numel() else 0
+
+    def flat(self, v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(self.groups, self.n)
+
+    def unflat(self, v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(self.shape)
+
+    def hg(self, h, gamma: float, dtype, device) -> torch.Tensor:
+        """h * gamma per group, ``(G,)``."""
+        if isinstance(h, float):
+            return torch.full((self.groups,), h * gamma, dtype=dtype, device=device)
+        return (h.detach().to(dtype) * gamma).reshape(-1).expand(self.groups) if h.numel() == 1 \
+            else (h.detach().to(dtype) * gamma).reshape(self.groups)
+
+
+def _rms(layout, v):
+    """RMS of ``v`` per group, ``(G,)``."""
+    return layout.flat(v).pow(2).mean(dim=1).sqrt()
+
+
+def _scalar_hg(h, gamma):
+    """h * gamma for the stage state, as the forward and the tape both form it."""
+    return h * gamma
+
+
+def _stage_state(base, hg, k):
+    # One formula in the forward and in the tape: the tape's f(z*) must be the forward's F bit for bit.
+    if isinstance(hg, float):
+        return torch.add(base, k, alpha=hg)
+    return torch.addcmul(base, hg, k)
+
+
+class _TransposedStageSolve(torch.autograd.Function):
+    """Identity forward; backward ``g -> N*^{-T} g`` (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, fk, solver):
+        ctx.solver = solver
+        return fk.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.solver(g), None
+
+
+class DirkStepper:
+    """The stepper of a diagonally implicit tableau: ``step(y, times, h, k0) -> (y_next, stages)``."""
+
+    def __init__(self, prob, options: NewtonOptions, rtol: float | None, atol: float | None):
+        self.prob, self.opts = prob, options
+        eps = torch.finfo(prob.policy.state_dtype).eps
+        self.rtol = max(options.rtol if options.rtol is not None else 1e-2 * (rtol if rtol is not None else 1e-7), 4 * eps)
+        self.atol = options.atol if options.atol is not None else 1e-2 * (atol if atol is not None else 1e-9)
+        cd = prob.policy.compute_dtype
+        self.u_compute = 0.0 if cd is None or torch.finfo(cd).eps <= eps else torch.finfo(cd).eps
+        # the unit roundoff of the velocities (the state dtype's own when there is no autocast)
+        self.u_noise = max(self.u_compute, eps)
+        self.back_rtol = max(16 * eps, 8 * self.u_compute)
+        self.iterations = 0
+
+    def deterministic(self, replay, run):
+        """Run a forward; raise (with the generators and buffers put back) if the field drew random
+        numbers or wrote buffers.  Newton's method evaluates the field several times per stage: a
+        field that changes between evaluations (dropout, BatchNorm in training mode) has no root."""
+        out, changed, exc = replay.guarded(run)
+        if changed:
+            raise ValueError(
+                f"method {self.prob.tableau.name!r} is implicit: Newton's method evaluates the vector field several "
+                "times per stage, so the field must be the same function at every evaluation -- this one draws "
+                "random numbers or writes buffers (dropout, BatchNorm in training mode). Put the module in eval() "
+                "mode, or use an explicit method"
+            ) from exc
+        if exc is not None:
+            raise exc
+        return out
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def step(self, y, times, h, k0=None):
+        prob, tab = self.prob, self.prob.tableau
+        layout = _Layout(y, prob.per_sample)
+        graph = torch.is_grad_enabled()
+        solver = self._linear_solver(layout, y, times, h)
+        ks, evals = [], 0
+        for i in range(tab.stages):
+            gamma = tab.diag[i]
+            if gamma == 0.0:
+                if i == 0 and k0 is not None:
+                    ks.append(k0)
+                    continue
+                zi = _axpy(y, h, ks, tab.a[i]) if i else y
+                ks.append(self._f(times[i], zi))
+                evals += 1
+                continue
+            base = _axpy(y, h, ks, tab.a[i]) if i else y
+            guess = ks[-1].detach() if ks else (k0.detach() if k0 is not None else torch.zeros_like(y))
+            hg = _scalar_hg(h.detach() if isinstance(h, torch.Tensor) else h, gamma)
+            with torch.no_grad():
+                k_star, F, n_ev = self._newton(solver, layout, base.detach(), hg, gamma, times[i], guess, h)
+            evals += n_ev
+            if not graph:
+                ks.append(F)
+                continue
+            # The stage with a graph: f at the converged state, its derivative routed through N*^{-T}.
+            z = _stage_state(base, _scalar_hg(h, gamma), k_star)
+            fk = self._f(times[i], z)
+            evals += 1
+            ks.append(_TransposedStageSolve.apply(fk, self._transposed(solver, layout, z.detach(), times[i], h, gamma)))
+        prob.nfe_extra += evals - (tab.stages - (k0 is not None))
+        return _axpy(y, h, ks, tab.b), ks
+
+    # -- evaluations ------------------------------------------------------------------------------
+
+    def _f(self, t, z):
+        k = self.prob.f(t, z)
+        if type(k) is not torch.Tensor or k.shape != z.shape or not k.dtype.is_floating_point:
+            _bad_velocity(k, z, t)
+        return k.to(self.prob.policy.state_dtype)
+
+    def _f_full(self, t, z):
+        with self.prob.full_precision():
+            return self._f(t, z)
+
+    # -- the forward's linear solver --------------------------------------------------------------
+
+    def _mode(self, layout) -> str:
+        mode = self.opts.linear_solver
+        if mode == "auto":
+            mode = "dense" if layout.n <= self.opts.dense_max else "krylov"
+        return mode
+
+    def _linear_solver(self, layout, y, times, h):
+        """A callable ``(res, z, t, hg_groups) -> N^{-1} res`` for this step, and its preconditioner."""
+        if self._mode(layout) == "krylov":
+            return _KrylovSolver(self, layout)
+        return _DenseSolver(self, layout, y.detach(), times[0].detach() if isinstance(times[0], torch.Tensor) else times[0], h)
+
+    def _newton(self, solver, layout, base, hg, gamma, t, k, h):
+        state_dtype = self.prob.policy.state_dtype
+        hg_groups = layout.hg(hg, 1.0, state_dtype, base.device)
+        prev, evals, worst = None, 0, math.inf
+        rec = self.prob.record
+        for m in range(self.opts.max_iter):
+            z = _stage_state(base, hg, k)
+            F, lin = solver.evaluate(t, z, gamma)
+            evals += 1
+            res = F - k
+            dk = layout.unflat(solver.solve(layout.flat(res), lin, gamma, hg_groups))
+            self.iterations += 1
+            rec.newton_iterations += 1
+            change = (dk * hg).abs()
+            err = _rms(layout, change / (self.atol + self.rtol * z.abs()))
+            conv = err <= 1.0
+            if prev is not None:
+                # A velocity rounded to unit roundoff u (bf16/fp16 under autocast, else the state
+                # dtype's) carries an error of about u |J| |z| (a stiff field's velocity is a
+                # cancellation of large terms), which moves the stage state by up to about
+                # u (1 + h a_ii |J|) |z|: once the iteration stops contracting at that level it has
+                # converged as far as the field's precision allows.
+                # (and the stage value itself is rounded: h a_ii u |F|)
+                gain = 1.0 + hg_groups.abs() * solver.jacobian_norm(lin)
+                hg_abs = hg.abs() if isinstance(hg, torch.Tensor) else abs(hg)
+                floor = self.atol + 4.0 * self.u_noise * (
+                    z.abs() * layout.unflat(gain[:, None].expand(layout.groups, layout.n)) + hg_abs * F.abs())
+                noise = _rms(layout, change / floor)
+                conv = conv | ((noise <= 1.0) & (err > 0.25 * prev))
+            worst = float(err.max()) if err.numel() else 0.0
+            if not math.isfinite(worst):
+                break
+            if bool(conv.all()):
+                return k, F, evals
+            if prev is not None and m >= 2 and worst > 2.0 * float(prev.max()):
+                break  # diverging
+            prev = err
+            # A converged group (sample) keeps its iterate: its result does not depend on how long
+            # the other samples iterate (the backward recomputes the step with other samples' h = 0).
+            k = k + layout.unflat(torch.where(conv[:, None], 0.0, layout.flat(dk)))
+        t0 = float(t.min()) if isinstance(t, torch.Tensor) else float(t)
+        hh = float(h.abs().max()) if isinstance(h, torch.Tensor) else float(h)
+        raise NewtonFailure(
+            f"Newton's method did not converge for a stage of {self.prob.tableau.name!r} at t = {t0:.6g} "
+            f"(h = {hh:.3g}): scaled update {worst:.3g} after {m + 1} iteration(s) (converged means <= 1 with "
+            f"rtol={self.rtol:.3g}, atol={self.atol:.3g}); use a smaller step, looser Newton tolerances "
+            "(options['newton']={'rtol': ..., 'atol': ...}) or more iterations (max_iter)",
+            t0, hh, worst,
+        )
+
+    # -- the backward's transposed solve ----------------------------------------------------------
+
+    def _transposed(self, solver, layout, z, t, h, gamma):
+        prob = self.prob
+        hg_groups = layout.hg(h, gamma, prob.policy.state_dtype, z.device)
+        t = t.detach() if isinstance(t, torch.Tensor) else t
+        precond = solver.transposed_preconditioner(gamma, hg_groups)
+
+        def solve(g):
+            with torch.enable_grad():
+                z_leaf = z.detach().requires_grad_(True)
+                fz = self._f_full(t, z_leaf)
+                prob.nfe_extra += 1
+
+                def op(v):
+                    (jt,) = torch.autograd.grad(fz, z_leaf, layout.unflat(v).to(fz.dtype), retain_graph=True)
+                    return v - hg_groups[:, None] * layout.flat(jt)
+
+                gf = layout.flat(g.to(z.dtype))
+                lam, relres = gmres(op, gf, rtol=self.back_rtol, max_iter=min(layout.n, 50), precond=precond)
+            worst = float(relres.max()) if relres.numel() else 0.0
+            if not worst <= 100 * self.back_rtol:
+                t0 = float(t.min()) if isinstance(t, torch.Tensor) else float(t)
+                raise RuntimeError(
+                    f"the adjoint of an implicit stage of {prob.tableau.name!r} at t = {t0:.6g}: the transposed linear "
+                    f"solve reached a relative residual of {worst:.3g} (needs <= {100 * self.back_rtol:.3g}); the "
+                    "step is too large for the Jacobian's conditioning -- use smaller steps"
+                )
+            return layout.unflat(lam).to(g.dtype)
+
+        return solve
+
+
+class _DenseSolver:
+    """Modified Newton: ``J`` at the step's start, one LU per distinct diagonal entry."""
+
+    def __init__(self, stepper: DirkStepper, layout: _Layout, y, t, h):
+        self.stepper, self.layout = stepper, layout
+        self.dtype = stepper.prob.policy.state_dtype
+        self.J = _jacobian(stepper, layout, y, t)
+        stepper.prob.nfe_extra += 1
+        self.h = h
+        self.lus = {}
+        self.norm = None
+
+    def _lu(self, gamma, hg_groups):
+        lu = self.lus.get(gamma)
+        if lu is None:
+            n = self.layout.n
+            eye = torch.eye(n, dtype=self.dtype, device=self.J.device)
+            lu = self.lus[gamma] = torch.linalg.lu_factor(eye - hg_groups[:, None, None] * self.J)
+        return lu
+
+    def evaluate(self, t, z, gamma):
+        return self.stepper._f(t, z), None
+
+    def jacobian_norm(self, lin):
+        """``|J|_inf`` per group (the rounding-noise estimate of reduced-precision velocities)."""
+        if self.norm is None:
+            self.norm = self.J.abs().sum(dim=-1).amax(dim=-1)
+        return self.norm
+
+    def solve(self, res, lin, gamma, hg_groups):
+        LU, piv = self._lu(gamma, hg_groups)
+        return torch.linalg.lu_solve(LU, piv, res[..., None])[..., 0]
+
+    def transposed_preconditioner(self, gamma, hg_groups):
+        LU, piv = self._lu(gamma, hg_groups)
+        return lambda v: torch.linalg.lu_solve(LU, piv, v[..., None], adjoint=True)[..., 0]
+
+
+class _KrylovSolver:
+    """Jacobian-free Newton--Krylov: ``J v`` by double backward at the current iterate."""
+
+    def __init__(self, stepper: DirkStepper, layout: _Layout):
+        self.stepper, self.layout = stepper, layout
+
+    def evaluate(self, t, z, gamma):
+        with torch.enable_grad():
+            z_leaf = z.detach().requires_grad_(True)
+            F = self.stepper._f(t, z_leaf)
+            u = torch.zeros_like(F, requires_grad=True)
+            (vjp,) = torch.autograd.grad(F, z_leaf, u, create_graph=True)
+        return F.detach(), (vjp, u)
+
+    def solve(self, res, lin, gamma, hg_groups):
+        vjp, u = lin
+        layout = self.layout
+
+        def op(v):
+            with torch.enable_grad():
+                (jv,) = torch.autograd.grad(vjp, u, layout.unflat(v).to(vjp.dtype), retain_graph=True)
+            return v - hg_groups[:, None] * layout.flat(jv).to(v.dtype)
+
+        x, _ = gmres(op, res, rtol=self.stepper.opts.linear_rtol, max_iter=min(layout.n, 50))
+        return x
+
+    def jacobian_norm(self, lin):
+        """A gain estimate ``|J 1|_rms`` per group at the current iterate (one more J v)."""
+        vjp, u = lin
+        with torch.enable_grad():
+            (jv,) = torch.autograd.grad(vjp, u, torch.ones_like(vjp), retain_graph=True)
+        return _rms(self.layout, jv.to(self.stepper.prob.policy.state_dtype))
+
+    def transposed_preconditioner(self, gamma, hg_groups):
+        return None
+
+
+def _jacobian(stepper: DirkStepper, layout: _Layout, y, t) -> torch.Tensor:
+    """``(G, n, n)`` Jacobian blocks of ``f(t, .)`` at ``y`` in the state dtype (full precision)."""
+    G, n = layout.groups, layout.n
+    with torch.enable_grad():
+        y_leaf = y.detach().requires_grad_(True)
+        fy = stepper._f_full(t, y_leaf)
+        # cotangent j: e_j in every group at once -> row j of every block
+        eye = torch.eye(n, dtype=fy.dtype, device=fy.device)
+        cots = eye[:, None, :].expand(n, G, n).reshape(n, *layout.shape)
+        try:
+            (rows,) = torch.autograd.grad(fy, y_leaf, cots, is_grads_batched=True, retain_graph=True)
+        except RuntimeError:
+            rows = torch.stack([torch.autograd.grad(fy, y_leaf, c, retain_graph=True)[0] for c in cots])
+    # rows[j] has shape of y; in group g its entries are J_g[j, :]
+    return rows.reshape(n, G, n).permute(1, 0, 2).to(stepper.prob.policy.state_dtype).contiguous()
