@@ -96,3 +96,21 @@ def test_schedules_study_smoke(tmp_path):
                     assert rec["peak_bytes"] <= rec["memory_budget"]
     md = (tmp_path / "schedules-cpu.md").read_text()
     assert "## (a)" in md and "## (a400)" in md and "Targets" in md
+
+
+def test_stiff_benchmark_smoke(tmp_path):
+    """benchmarks/stiff.py (issue 12's stiff problems) runs end to end on its smallest problem."""
+    pytest = __import__("pytest")
+    pytest.importorskip("scipy")
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stiff.py"), "--problems", "robertson40",
+                           "--dopri5-max-steps", "50", "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "stiff-cpu.json").read_text())["rows"]
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"rampde_kvaerno3", "rampde_trbdf2", "scipy Radau", "scipy BDF", "rampde_dopri5"}
+    for name in ("rampde_kvaerno3", "rampde_trbdf2"):
+        assert by[name]["ok"] and by[name]["err_in_tol_units"] < 100 and by[name]["steps"] < 1000
+    assert not by["rampde_dopri5"]["ok"] and "stopped" in by["rampde_dopri5"]["note"]  # 50 steps are not enough
+    assert "| robertson40 | scipy Radau |" in (tmp_path / "stiff-cpu.md").read_text()

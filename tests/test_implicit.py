@@ -315,16 +315,31 @@ def test_adaptive_pairs_solve_robertson_against_scipy_radau():
     ref = scipy_integrate.solve_ivp(lambda t, y: _robertson(t, torch.tensor(y)).numpy(), (0.0, 40.0), y0,
                                     method="Radau", rtol=1e-12, atol=1e-16).y[:, -1]
     ref = torch.tensor(ref, dtype=F64)
-    for method in ("trbdf2", "kvaerno3"):
+    # kvaerno3 is within 10x the tolerance (measured 0.3x); trbdf2 -- second order, error per step
+    # controlled, so the global error grows like tol^(2/3) times the steps -- measured 22x at rtol 1e-6
+    for method, allowed in (("trbdf2", 30), ("kvaerno3", 10)):
         with collect_stats() as stats:
-            # step_t: a step ends at t = 40 -- the solver's accuracy, not the dense output's (which
-            # is off by up to 4e-3 relative in y2 here: an open item, see the README)
+            # t = 40 falls inside a step: the dense output through the stage states is tested too (a
+            # Hermite interpolant's slope of the stiff y2 was off by 4e-3 relative here)
             y = odeint(_robertson, torch.tensor(y0, dtype=F64), torch.tensor([0.0, 40.0], dtype=F64),
-                       method="rampde_" + method, rtol=1e-6, atol=1e-10,
-                       options={"step_t": torch.tensor([40.0], dtype=F64)})[-1]
-        rel = ((y - ref).abs() / ref.abs()).max().item()
-        assert rel <= 10 * 1e-6, (method, rel)
+                       method="rampde_" + method, rtol=1e-6, atol=1e-10)[-1]
+        excess = ((y - ref).abs() / (1e-6 * ref.abs() + 1e-10)).max().item()
+        assert excess <= allowed, (method, excess)  # per component, in units of the tolerance
         assert stats.last.n_steps < 2000 and stats.last.newton_iterations > 0
+
+
+def test_the_filtered_error_estimate_lets_steps_grow_on_a_smooth_stiff_solution():
+    # van der Pol, mu = 1000, on its slow manifold up to t = 500: SciPy's Radau takes 33 steps.  The
+    # raw embedded estimate of a stiff component does not decay with h |lambda| and took 1838 steps.
+    mu = 1000.0
+
+    def vdp(t, y):
+        return torch.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
+
+    with collect_stats() as stats:
+        odeint(vdp, torch.tensor([2.0, 0.0], dtype=F64), torch.tensor([0.0, 500.0], dtype=F64),
+               method="rampde_kvaerno3", rtol=1e-6, atol=1e-8)
+    assert stats.last.n_steps < 200, stats.last.n_steps
 
 
 def test_a_failed_newton_iteration_rejects_the_adaptive_step():
@@ -378,3 +393,49 @@ def test_newton_options_on_an_explicit_method_are_an_error():
         odeint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), method="rampde_rk4",
                options={"step_size": 0.5, "linear_solver": "dense"})
     assert NewtonOptions().linear_solver == "auto"
+
+
+def test_torchode_adaptive_implicit_pair_per_sample_against_scipy():
+    import torchode as to
+
+    scipy_integrate = pytest.importorskip("scipy.integrate")
+    # two samples with their own end times: per-sample steps, per-sample Newton blocks
+    t_end = torch.tensor([10.0, 40.0], dtype=F64)
+    y0 = torch.tensor([[1.0, 0.0, 0.0]] * 2, dtype=F64)
+    term = to.ODETerm(_robertson)
+    ctrl = to.IntegralController(atol=1e-10, rtol=1e-6, term=term)
+    sol = to.solve_ivp(_robertson, y0, torch.stack([torch.zeros(2, dtype=F64), t_end], dim=1),
+                       method="rampde_kvaerno3", controller=ctrl)
+    assert sol.status.tolist() == [0, 0]
+    for b, te in enumerate(t_end.tolist()):
+        ref = torch.tensor(scipy_integrate.solve_ivp(lambda t, y: _robertson(t, torch.tensor(y)).numpy(), (0.0, te),
+                                                     [1.0, 0.0, 0.0], method="Radau", rtol=1e-12, atol=1e-16).y[:, -1])
+        excess = ((sol.ys[b, -1] - ref).abs() / (1e-6 * ref.abs() + 1e-10)).max().item()
+        assert excess <= 20, (b, excess)  # in units of the tolerance; measured 12 at t = 40 (torchode's norm)
+
+
+def test_torchode_output_between_steps_uses_the_stage_polynomial():
+    import torchode as to
+
+    # y' = -y with sdirk2 (implicit first stage: its ks[0] is not f(t0, y0), so a Hermite output
+    # built on it would be wrong at O(h)); outputs in the middle of steps
+    t_eval = torch.tensor([[0.0, 0.005, 0.2525, 0.7775]], dtype=F64)
+    sol = to.solve_ivp(lambda t, y: -y, torch.ones(1, 1, dtype=F64), t_eval, method="rampde_sdirk2", dt0=0.01,
+                       controller=to.FixedStepController(), newton=TIGHT)
+    err = (sol.ys[0, :, 0] - torch.exp(-t_eval[0])).abs().max().item()
+    assert err < 1e-5, err  # the method's global error at h = 0.01 is ~4e-6 here
+
+
+def test_graphs_schedule_on_adaptive_implicit_steps_gives_the_steps_gradient():
+    torch.manual_seed(6)
+    f = Field().double()
+    y0 = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    grads = []
+    for ck in ("steps", "graphs"):
+        with collect_stats() as stats:
+            y = odeint(f, y0, torch.tensor([0.0, 0.5, 1.0], dtype=F64), method="rampde_kvaerno3", rtol=1e-6, atol=1e-8,
+                       options={"checkpoint": ck, "newton": TIGHT})
+            grads.append(torch.autograd.grad(y.square().sum(), [y0, *f.parameters()]))
+        assert stats.last.schedule == ck
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() <= 1e-12 * max(1.0, b.abs().max().item())

@@ -27,11 +27,12 @@ def test_builtin_tableaus_reproduce_exp_to_their_order(tab):
     """On y' = lambda y a method of order p has R(z) = exp(z) + O(z^(p+1)): b^T A^(k-1) 1 = 1/k! for
     k <= p, an independent check of every coefficient set against its claimed order (a typo in a or
     b breaks it; the embedded pair's weights b - b_err must reach at least order 1)."""
-    coeffs = _stability_coefficients(tab.a, tab.b, tab.order)
+    a = [(*row, d) for row, d in zip(tab.a, tab.diag)]  # implicit methods: the diagonal too
+    coeffs = _stability_coefficients(a, tab.b, tab.order)
     assert coeffs == pytest.approx([1 / factorial(k) for k in range(1, tab.order + 1)], rel=1e-12, abs=1e-14)
     if tab.b_err is not None:
         other = [bi - ei for bi, ei in zip(tab.b, tab.b_err)]
-        assert _stability_coefficients(tab.a, other, 1) == pytest.approx([1.0], rel=1e-12)
+        assert _stability_coefficients(a, other, 1) == pytest.approx([1.0], rel=1e-12)
         assert any(abs(e) > 1e-14 for e in tab.b_err)  # an estimate that can see an error
 
 

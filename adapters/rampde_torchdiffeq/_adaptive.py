@@ -15,7 +15,7 @@ import importlib
 
 import torch
 
-from rampde_plugins import StepController
+from rampde_plugins import StageInterpolation, StepController
 from rampde_plugins import RampdeToleranceWarning, check_tolerance  # noqa: F401 (re-exported)
 
 ADAPTIVE_OPTIONS = {
@@ -154,8 +154,12 @@ _MID_OF = {
 }
 
 
-def make_interp(tableau_name: str):
-    """``interp(step_data, t)`` with torchdiffeq's quartic fit, or cubic Hermite for other tableaus."""
+def make_interp(tableau_name: str, tableau=None):
+    """``interp(step_data, t)`` with torchdiffeq's quartic fit, the stage-state polynomial for an
+    implicit tableau (stiff components: see ``rampde_plugins.StageInterpolation``), or cubic Hermite."""
+    if tableau is not None and tableau.implicit:
+        stages = StageInterpolation(tableau)
+        return lambda sd, t: stages(sd).at(t)
     interp_mod = importlib.import_module("torchdiffeq._impl.interp")
     fit, evaluate = interp_mod._interp_fit, interp_mod._interp_evaluate
     where = _MID_OF.get(tableau_name)
@@ -177,7 +181,7 @@ def make_interp(tableau_name: str):
     def hermite(sd, t):
         s = ((t - sd.t0) / (sd.t1 - sd.t0)).to(sd.y0.dtype)
         dt = sd.h.to(sd.y0.dtype)
-        return ((1 + 2 * s) * (1 - s) ** 2 * sd.y0 + s * (1 - s) ** 2 * dt * sd.ks[0]
+        return ((1 + 2 * s) * (1 - s) ** 2 * sd.y0 + s * (1 - s) ** 2 * dt * sd.f_start()
                 + s * s * (3 - 2 * s) * sd.y1 + s * s * (s - 1) * dt * sd.f_end())
 
     return hermite

@@ -220,7 +220,7 @@ class RampdeFixedGridSolver:
             )
             return solve_adaptive(
                 inner, self.y0, t, tableau=self.tableau, policy=policy, controller=controller,
-                interp=make_interp(self.tableau_name), params=params, buffers=buffers, scaler=opts["scaler"],
+                interp=make_interp(self.tableau_name, self.tableau), params=params, buffers=buffers, scaler=opts["scaler"],
                 callback_step_adjoint=getattr(self.func, "callback_step_adjoint", None),
                 callback_accept_step_adjoint=getattr(self.func, "callback_accept_step_adjoint", None),
                 method=self.method,

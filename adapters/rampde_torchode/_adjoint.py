@@ -31,6 +31,7 @@ from rampde_plugins import (
     BatchedStepController,
     ButcherTableau,
     NewtonOptions,
+    StageInterpolation,
     check_tolerance,
     checkpoint_schedule,
     get_registry,
@@ -132,9 +133,13 @@ def make_interpolant(step_method, problem):
             return host.build_interpolation(ERKInterpolationData(tab, sd.t0, sd.h, sd.y0, sd.y1, torch.stack(sd.ks)))
 
         return interp
+    tableau = tableau_of(step_method)
+    if tableau.implicit:  # through the stage states: a stiff component's slope amplifies its error
+        return StageInterpolation(tableau)
     # A registered tableau torchode has no method for: cubic Hermite with the true end slope
     # f(t1, y1) (one evaluation per step that holds outputs), in torchode's own polynomial form.
-    return lambda sd: ThirdOrderPolynomialInterpolation.from_k(sd.t0, sd.h, sd.y0, sd.y1, torch.stack([sd.ks[0], sd.f_end()]))
+    return lambda sd: ThirdOrderPolynomialInterpolation.from_k(sd.t0, sd.h, sd.y0, sd.y1,
+                                                               torch.stack([sd.f_start(), sd.f_end()]))
 
 
 def fixed_step_grid(t_start, t_end, dt0, max_steps):

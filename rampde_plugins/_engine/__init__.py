@@ -31,7 +31,7 @@ Newton per stage and the stage's transposed solve for the adjoint), ``_scaling``
 
 from ._api import solve_adaptive, solve_batched, solve_batched_adaptive, solve_grid
 from ._drivers import BatchedStepController, StepController
-from ._outputs import INTERPOLATIONS, BatchedOutputs
+from ._outputs import INTERPOLATIONS, BatchedOutputs, StageInterpolation
 from ._budget import MemoryBudget, checkpoint_schedule, parse_memory_budget
 from ._schedules import BinomialSchedule, CheckpointSchedule, GraphsSchedule, SegmentsSchedule, StepsSchedule
 from ._steppers import StepData
@@ -41,5 +41,5 @@ __all__ = [
     "solve_grid", "solve_batched", "solve_adaptive", "solve_batched_adaptive", "StepController",
     "BatchedStepController", "BatchedOutputs", "StepData", "INTERPOLATIONS", "CheckpointSchedule",
     "StepsSchedule", "GraphsSchedule", "SegmentsSchedule", "BinomialSchedule", "checkpoint_schedule",
-    "MemoryBudget", "parse_memory_budget", "NewtonOptions", "NewtonFailure", "newton_options", "LINEAR_SOLVERS",
+    "MemoryBudget", "parse_memory_budget", "NewtonOptions", "NewtonFailure", "StageInterpolation", "newton_options", "LINEAR_SOLVERS",
 ]

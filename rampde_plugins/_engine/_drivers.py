@@ -236,6 +236,8 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
             else:
                 err = _lincomb(ks, tab.b_err)
                 err = torch.zeros_like(y) if err is None else err * h_float
+                if prob.stepper is not None:
+                    err = prob.stepper.filter_error(err)
             accepted = controller.judge(t, t1, h, y, y1, err)
             if failure is not None and accepted:  # (at min_step the controller accepts anything)
                 raise failure
@@ -411,6 +413,8 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
             else:
                 err = _lincomb(ks, tableau.b_err)
                 err = torch.zeros_like(y) if err is None else err * h_state
+                if prob.stepper is not None:
+                    err = prob.stepper.filter_error(err)
             accept, dt_next, st = controller.judge(t, dt, y, y1, err)
             if failure is not None and bool((accept & running).any()):
                 raise failure

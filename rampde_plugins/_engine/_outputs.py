@@ -67,7 +67,7 @@ class _SharedTimeOutputs:
             else:
                 dt = (sd.t1 - sd.t0).to(sd.y0.dtype)
                 f1 = sd.f_end()
-                values.append((1 + 2 * s) * (1 - s) * (1 - s) * sd.y0 + s * (1 - s) * (1 - s) * dt * sd.ks[0]
+                values.append((1 + 2 * s) * (1 - s) * (1 - s) * sd.y0 + s * (1 - s) * (1 - s) * dt * sd.f_start()
                               + s * s * (3 - 2 * s) * sd.y1 + s * s * (s - 1) * dt * f1)
         return values
 
@@ -179,3 +179,56 @@ class BatchedOutputs:
         if grads[0] is not None:
             sample, evalj = entry
             g_tout.index_put_((sample, evalj), grads[0].to(g_tout.dtype), accumulate=True)
+
+
+class StageInterpolation:
+    """Dense output of a step through its stage *states*: the polynomial through ``y0`` at ``t0``, the
+    state of each stage at ``t0 + c_i h`` (one per distinct ``c``, the last stage with it) and ``y1`` at
+    ``t1``.
+
+    For implicit methods on stiff problems: a Hermite interpolant uses slopes ``f(t, y)``, and the
+    slope of a stiff component amplifies the state's error by the Jacobian's norm (``|lambda| * err *
+    h`` in the output); the stage states carry no such factor.
+
+    ``StageInterpolation(tableau)(step_data)`` is an object with ``at(t)`` (one time for the whole
+    state, torchdiffeq's layout) and ``evaluate(t, sample_idx)`` (torchode's interpolation protocol).
+    """
+
+    def __init__(self, tableau):
+        nodes = {0.0: None, 1.0: None}
+        for i, c in enumerate(tableau.c):
+            if 0.0 < c < 1.0:
+                nodes[c] = i
+        self.nodes = sorted(nodes.items())
+
+    def __call__(self, sd):
+        states = [sd.y0 if c == 0.0 else sd.y1 if c == 1.0 else sd.stage_state(i) for c, i in self.nodes]
+        return _StagePolynomial([c for c, _ in self.nodes], states, sd.t0, sd.t1)
+
+
+class _StagePolynomial:
+    __slots__ = ("c", "states", "t0", "t1")
+
+    def __init__(self, c, states, t0, t1):
+        self.c, self.states, self.t0, self.t1 = c, states, t0, t1
+
+    def _weights(self, s):
+        out = []
+        for j, cj in enumerate(self.c):
+            w = torch.ones_like(s)
+            for m, cm in enumerate(self.c):
+                if m != j:
+                    w = w * (s - cm) / (cj - cm)
+            out.append(w)
+        return out
+
+    def at(self, t):
+        dtype = self.states[0].dtype
+        s = ((t - self.t0) / (self.t1 - self.t0)).to(dtype)
+        return sum(w * z for w, z in zip(self._weights(s), self.states))
+
+    def evaluate(self, t, idx):
+        dtype = self.states[0].dtype
+        s = ((t - self.t0[idx]) / (self.t1[idx] - self.t0[idx])).to(dtype)
+        shape = (-1, *([1] * (self.states[0].ndim - 1)))
+        return sum(w.reshape(shape) * z[idx] for w, z in zip(self._weights(s), self.states))

@@ -50,11 +50,34 @@ def _axpy(y: torch.Tensor, h, ks: Sequence[torch.Tensor], coeffs: Sequence[float
 class StepData:
     """One step as the output plans see it: times, states, stage values and a lazy end slope."""
 
-    __slots__ = ("t0", "t1", "h", "y0", "y1", "ks", "_prob", "_f1")
+    __slots__ = ("t0", "t1", "h", "y0", "y1", "ks", "_prob", "_f1", "_f0")
 
     def __init__(self, prob, t0, t1, h, y0, y1, ks):
         self.t0, self.t1, self.h, self.y0, self.y1, self.ks = t0, t1, h, y0, y1, ks
-        self._prob, self._f1 = prob, None
+        self._prob, self._f1, self._f0 = prob, None, None
+
+    def f_start(self) -> torch.Tensor:
+        """f(t0, y0): the first stage of an explicit (or ESDIRK) step; evaluated once otherwise."""
+        prob = self._prob
+        if prob.tableau.explicit_first_stage:
+            return self.ks[0]
+        if self._f0 is None:
+            with prob.autocast():
+                self._f0 = prob.f(self.t0, self.y0).to(prob.policy.state_dtype)
+            prob.nfe_extra += 1
+        return self._f0
+
+    def stage_state(self, i: int) -> torch.Tensor:
+        """The state stage ``i`` was evaluated at, ``y0 + h sum_j a_ij k_j`` (diagonal included)."""
+        tab = self._prob.tableau
+        h = self.h.to(self.y0.dtype) if isinstance(self.h, torch.Tensor) else self.h
+        if isinstance(h, torch.Tensor) and h.ndim:  # per sample: broadcast over the features
+            h = h.reshape(*h.shape, *([1] * (self.y0.ndim - 1)))
+        z = self.y0
+        for a, k in zip((*tab.a[i], tab.diag[i]), self.ks):
+            if a != 0.0:
+                z = z + (h * a) * k
+        return z
 
     def f_end(self) -> torch.Tensor:
         """f(t1, y1) in the state dtype, evaluated once (cubic Hermite output needs it)."""
