@@ -439,3 +439,35 @@ def test_graphs_schedule_on_adaptive_implicit_steps_gives_the_steps_gradient():
         assert stats.last.schedule == ck
     for a, b in zip(*grads):
         assert (a - b).abs().max().item() <= 1e-12 * max(1.0, b.abs().max().item())
+
+
+_MAIN_SCRIPT = """
+import json, torch
+torch.set_default_dtype(torch.float64)
+from torchdiffeq import odeint
+f = lambda t, y: -50.0 * (y - torch.cos(t)) + 0.3 * y ** 2
+out = {m: odeint(f, torch.tensor([0.2, 0.5]), torch.linspace(0, 1, 5), method=m, options={"step_size": 0.05}).tolist()
+       for m in ("implicit_euler", "implicit_midpoint", "trapezoid", "sdirk2", "trbdf2")}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif("RAMPDE_TORCHDIFFEQ_MAIN" not in __import__("os").environ,
+                    reason="set RAMPDE_TORCHDIFFEQ_MAIN to a checkout of torchdiffeq's main branch (its implicit methods)")
+def test_same_methods_as_torchdiffeq_main():
+    # torchdiffeq main (unreleased) has implicit_euler, implicit_midpoint, trapezoid, sdirk2 and
+    # trbdf2 with the same coefficients: results agree to its Newton tolerance (measured 1.5e-10)
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.environ["RAMPDE_TORCHDIFFEQ_MAIN"], "RAMPDE_PLUGINS_DISABLE_AUTOLOAD": "1"}
+    out = subprocess.run([sys.executable, "-c", _MAIN_SCRIPT], capture_output=True, text=True, env=env, check=True,
+                         cwd="/")
+    main = json.loads(out.stdout.strip().splitlines()[-1])
+    f = lambda t, y: -50.0 * (y - torch.cos(t)) + 0.3 * y ** 2  # noqa: E731
+    for method, ref in main.items():
+        y = odeint(f, torch.tensor([0.2, 0.5], dtype=F64), torch.linspace(0, 1, 5, dtype=F64), method="rampde_" + method,
+                   options={"step_size": 0.05, "newton": TIGHT})
+        assert (y - torch.tensor(ref, dtype=F64)).abs().max().item() < 1e-9, method

@@ -25,7 +25,8 @@ Modules, one job each: ``_steppers`` (one step and its kernels), ``_times`` (gri
 tables), ``_outputs`` (output plans), ``_problem`` (the record a solve's forward and backward share),
 ``_drivers`` (fixed-grid and adaptive forward loops), ``_schedules`` (what the forward keeps for the
 backward: checkpoint schedules), ``_budget`` (memory budgets: measure one step, choose a schedule), ``_implicit`` (the DIRK stepper:
-Newton per stage and the stage's transposed solve for the adjoint), ``_scaling`` (adjoint scaling),
+Newton per stage and the stage's transposed solve for the adjoint), ``_linear`` (its linear solves:
+GMRES, dense LU or matrix-free Newton matrices), ``_scaling`` (adjoint scaling),
 ``_adjoint`` (the reverse sweep and the autograd Function), ``_api`` (the entry points below).
 """
 
