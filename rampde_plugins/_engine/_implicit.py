@@ -205,8 +205,8 @@ class DirkStepper:
         The raw estimate ``h sum_i b_err_i k_i`` of a stiff component is a multiple of its (large)
         velocities and does not decay as ``h |lambda|`` grows, so it rejects step after step where the
         solution is smooth (Shampine; Hairer & Wanner, Radau5); the solve with the step's own Newton
-        matrix damps it as the method damps the stiff components.  Rejection steps with 10x the steps
-        of Radau on van der Pol without it."""
+        matrix damps it as the method damps the stiff components.  Without it, van der Pol with
+        mu = 1000 took 1838 steps to t = 500 where SciPy's Radau takes 33 (with it: 77)."""
         last = getattr(self, "_last", None)
         if last is None:
             return err
@@ -235,7 +235,7 @@ class DirkStepper:
         return mode
 
     def _linear_solver(self, layout, y, times, h):
-        """A callable ``(res, z, t, hg_groups) -> N^{-1} res`` for this step, and its preconditioner."""
+        """This step's linear solver (the protocol in :mod:`._linear`): dense or Krylov."""
         if self._mode(layout) == "krylov":
             return KrylovSolver(self, layout)
         return DenseSolver(self, layout, y.detach(), times[0].detach() if isinstance(times[0], torch.Tensor) else times[0], h)
@@ -261,8 +261,8 @@ class DirkStepper:
                 # dtype's) carries an error of about u |J| |z| (a stiff field's velocity is a
                 # cancellation of large terms), which moves the stage state by up to about
                 # u (1 + h a_ii |J|) |z|: once the iteration stops contracting at that level it has
-                # converged as far as the field's precision allows.
-                # (and the stage value itself is rounded: h a_ii u |F|)
+                # converged as far as the field's precision allows.  (The stage value is rounded
+                # too: h a_ii u |F|.)
                 gain = 1.0 + hg_groups.abs() * solver.jacobian_norm(lin)
                 hg_abs = hg.abs() if isinstance(hg, torch.Tensor) else abs(hg)
                 floor = self.atol + 4.0 * self.u_noise * (
