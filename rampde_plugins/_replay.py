@@ -85,11 +85,9 @@ class StepReplay:
     # -- forward -------------------------------------------------------------------------------
     def begin(self) -> None:
         """At the start of the forward, before the field's first evaluation."""
-        self._s0 = self._rng_state()
-        self._v0 = self._versions()
-        # Needed only to run the forward again from its start (a field that begins to write its
-        # buffers after the first evaluation); one copy per solve, and only of buffers.
-        self._b0 = [b.detach().clone() for b in self.buffers]
+        # The buffer copies are needed only to run the forward again from its start (a field that
+        # begins to write its buffers after the first evaluation); one copy per solve, of buffers only.
+        self._s0, self._b0, self._v0 = self._snapshot()
 
     def detect(self) -> bool:
         """After the first evaluation: does the field draw random numbers or write buffers?"""
@@ -108,7 +106,7 @@ class StepReplay:
 
         Returns (its result, bytes one step's replay record takes if the field draws random numbers
         or writes buffers as ``run`` did: 0 when it does neither)."""
-        rng, values, versions = self._rng_state(), [b.detach().clone() for b in self.buffers], self._versions()
+        rng, values, versions = self._snapshot()
         try:
             out = run()
             draws, writes = not self._same_rng(self._rng_state(), rng), self._written(versions, values)
@@ -125,7 +123,7 @@ class StepReplay:
         """``(run(), changed, None)``, or ``(None, changed, exception)`` if it raised an Exception;
         ``changed``: it drew random numbers or wrote buffers.  Then, and after an exception, the
         generators and buffers are put back as they were before it."""
-        rng, values, versions = self._rng_state(), [b.detach().clone() for b in self.buffers], self._versions()
+        rng, values, versions = self._snapshot()
         out, exc = None, None
         try:
             out = run()
@@ -135,6 +133,10 @@ class StepReplay:
         if changed or exc is not None:
             self._apply((rng, values))
         return out, changed, exc
+
+    def _snapshot(self):
+        """(generator states, buffer copies, buffer versions) now: what ``_apply`` and ``_written`` take."""
+        return self._rng_state(), [b.detach().clone() for b in self.buffers], self._versions()
 
     def changed_since_begin(self) -> bool:
         """At the end of a forward that was not replayed: did the field draw or write after all?"""

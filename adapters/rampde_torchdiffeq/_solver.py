@@ -107,13 +107,6 @@ def _grid_from_step_size(t: torch.Tensor, step_size) -> torch.Tensor:
     return grid
 
 
-def _smallest(tol, default: float) -> float:
-    """A scalar tolerance (torchdiffeq allows a tensor of per-component ones: the tightest counts)."""
-    if tol is None:
-        return default
-    return float(tol.min()) if isinstance(tol, torch.Tensor) else float(tol)
-
-
 class RampdeFixedGridSolver:
     """Base of the classes put into torchdiffeq's ``SOLVERS`` (one subclass per tableau)."""
 
@@ -140,18 +133,9 @@ class RampdeFixedGridSolver:
         given = [k for k in IMPLICIT_ONLY if options.get(k) is not None]
         if given and not self.tableau.implicit:
             raise ValueError(f"odeint(method={self.method!r}): option(s) {given} apply to implicit methods; this method is explicit")
-        if self.tableau.implicit:
-            spec = dict(opts["newton"]) if isinstance(opts["newton"], dict) else opts["newton"]
-            if opts["linear_solver"] is not None:
-                if spec is None or isinstance(spec, dict):
-                    spec = {**(spec or {}), "linear_solver": opts["linear_solver"]}
-                else:
-                    spec = spec._replace(linear_solver=opts["linear_solver"])
-            nw = newton_options(spec, owner=f"odeint(method={self.method!r}): options['newton']")
-            # Newton to 1e-2 of the solver's tolerances (torchdiffeq passes rtol=1e-7, atol=1e-9 by default)
-            opts["newton"] = nw._replace(
-                rtol=nw.rtol if nw.rtol is not None else 1e-2 * _smallest(rtol, 1e-7),
-                atol=nw.atol if nw.atol is not None else 1e-2 * _smallest(atol, 1e-9))
+        if self.tableau.implicit:  # Newton to 1e-2 of the solver's tolerances (torchdiffeq's default 1e-7, 1e-9)
+            opts["newton"] = newton_options(opts["newton"], owner=f"odeint(method={self.method!r}): options['newton']",
+                                            linear_solver=opts["linear_solver"], rtol=rtol, atol=atol)
         self.rtol, self.atol, self.norm = rtol, atol, norm
         self.func = func
         self.y0 = y0

@@ -30,7 +30,6 @@ from rampde_plugins import (
     BatchedOutputs,
     BatchedStepController,
     ButcherTableau,
-    NewtonOptions,
     StageInterpolation,
     check_tolerance,
     checkpoint_schedule,
@@ -210,12 +209,6 @@ class TorchodeController(BatchedStepController):
         self.state = self.controller.merge_states(running, self.next_state, self.state)
 
 
-def _scalar_tol(tol, default: float) -> float:
-    if tol is None:
-        return default
-    return float(tol.min()) if isinstance(tol, torch.Tensor) else float(tol)
-
-
 class RampdeAdjoint(torch.nn.Module):
     """Use where torchode's ``AutoDiffAdjoint`` is used; runs the rampde engine.
 
@@ -257,14 +250,10 @@ class RampdeAdjoint(torch.nn.Module):
         given = [n for n, v in (("linear_solver", linear_solver), ("newton", newton)) if v is not None]
         if given and not tableau.implicit:
             raise ValueError(f"RampdeAdjoint: {', '.join(given)} apply to implicit methods; {tableau.name!r} is explicit")
-        self.newton = None
-        if tableau.implicit:
-            spec = newton._asdict() if isinstance(newton, NewtonOptions) else newton
-            if linear_solver is not None:
-                if spec is not None and not isinstance(spec, dict):
-                    raise TypeError(f"RampdeAdjoint(newton=...) must be a dict or NewtonOptions, got {type(spec).__name__}")
-                spec = {**(spec or {}), "linear_solver": linear_solver}
-            self.newton = newton_options(spec, owner="RampdeAdjoint(newton=...)")
+        # Newton to 1e-2 of the controller's tolerances (1e-9 / 1e-11 with fixed steps: see NewtonOptions)
+        self.newton = newton_options(newton, owner="RampdeAdjoint(newton=...)", linear_solver=linear_solver,
+                                     rtol=getattr(step_size_controller, "rtol", None),
+                                     atol=getattr(step_size_controller, "atol", None)) if tableau.implicit else None
         self.checkpoint = checkpoint_schedule(checkpoint, memory_budget=memory_budget,
                                               owner="RampdeAdjoint(checkpoint=...)",
                                               budget_owner="RampdeAdjoint(memory_budget=...)")
@@ -341,12 +330,7 @@ class RampdeAdjoint(torch.nn.Module):
             stats = {"n_f_evals": empty, "n_steps": empty, "n_accepted": empty, "n_initialized": empty, "rampde": None}
             return Solution(ts=t_eval, ys=ys, stats=stats, status=empty)
         f = term.f if not term.with_args else functools.partial(_with_args, term.f, args)
-        newton = self.newton
-        if newton is not None:  # Newton to 1e-2 of the controller's tolerances
-            newton = newton._replace(
-                rtol=newton.rtol if newton.rtol is not None else 1e-2 * _scalar_tol(getattr(controller, "rtol", None), 1e-7),
-                atol=newton.atol if newton.atol is not None else 1e-2 * _scalar_tol(getattr(controller, "atol", None), 1e-9))
-        common = dict(newton=newton,
+        common = dict(newton=self.newton,
             tableau=tableau, policy=policy, params=self.params if self.params is not None else tuple(term.parameters()),
             buffers=tuple(term.buffers()), scaler=self.scaler, param_hint=PARAM_HINT, checkpoint=self.checkpoint,
             method=f"rampde_{tableau.name}" if isinstance(method, RampdeStepMethod) else tableau.name,

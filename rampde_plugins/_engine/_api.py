@@ -332,7 +332,7 @@ def _new_problem(f, y0, tableau, policy, params, outputs, scaler, method, param_
         per_sample=per_sample, param_hint=param_hint, schedule=schedule, y_shape=tuple(y0.shape), **rest,
     )
     if newton is not None:
-        prob.stepper = DirkStepper(prob, newton, None, None)
+        prob.stepper = DirkStepper(prob, newton)
     return prob
 
 

@@ -73,11 +73,21 @@ class NewtonFailure(RuntimeError):
         self.t, self.h, self.residual = t, h, residual
 
 
-def newton_options(spec, *, owner: str) -> NewtonOptions:
-    """``spec`` (None, a dict of :class:`NewtonOptions` fields, or a NewtonOptions) validated."""
+def _tightest(tol) -> float | None:
+    """A host's scalar tolerance (torchdiffeq and torchode allow per-component tensors: the tightest)."""
+    if tol is None:
+        return None
+    return float(tol.min()) if isinstance(tol, torch.Tensor) else float(tol)
+
+
+def newton_options(spec, *, owner: str, linear_solver=None, rtol=None, atol=None) -> NewtonOptions:
+    """``spec`` (None, a dict of :class:`NewtonOptions` fields, or a NewtonOptions) validated.
+
+    A host adapter passes its own ``linear_solver`` keyword (it overrides the spec's) and the solve's
+    ``rtol``/``atol`` (floats or per-component tensors): unset Newton tolerances become 1e-2 of them."""
     if spec is None:
-        return NewtonOptions()
-    if isinstance(spec, NewtonOptions):
+        fields = NewtonOptions()._asdict()
+    elif isinstance(spec, NewtonOptions):
         fields = spec._asdict()
     elif isinstance(spec, dict):
         unknown = sorted(set(spec) - set(NewtonOptions._fields))
@@ -86,6 +96,11 @@ def newton_options(spec, *, owner: str) -> NewtonOptions:
         fields = {**NewtonOptions()._asdict(), **spec}
     else:
         raise TypeError(f"{owner} must be a dict or rampde_plugins.NewtonOptions, got {type(spec).__name__}")
+    if linear_solver is not None:
+        fields["linear_solver"] = linear_solver
+    for name, host in (("rtol", _tightest(rtol)), ("atol", _tightest(atol))):
+        if fields[name] is None and host is not None:
+            fields[name] = 1e-2 * host
     if fields["linear_solver"] not in LINEAR_SOLVERS:
         raise ValueError(f"{owner}: linear_solver={fields['linear_solver']!r}; choose one of {', '.join(LINEAR_SOLVERS)}")
     for name in ("rtol", "atol"):
@@ -100,11 +115,6 @@ def newton_options(spec, *, owner: str) -> NewtonOptions:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
         raise ValueError(f"{owner}: linear_rtol={v!r} must be a number in (0, 1)")
     return NewtonOptions(**fields)
-
-
-def _scalar_hg(h, gamma):
-    """h * gamma for the stage state, as the forward and the tape both form it."""
-    return h * gamma
 
 
 def _stage_state(base, hg, k):
@@ -130,17 +140,17 @@ class _TransposedStageSolve(torch.autograd.Function):
 class DirkStepper:
     """The stepper of a diagonally implicit tableau: ``step(y, times, h, k0) -> (y_next, stages)``."""
 
-    def __init__(self, prob, options: NewtonOptions, rtol: float | None, atol: float | None):
+    def __init__(self, prob, options: NewtonOptions):
         self.prob, self.opts = prob, options
         eps = torch.finfo(prob.policy.state_dtype).eps
-        self.rtol = max(options.rtol if options.rtol is not None else 1e-2 * (rtol if rtol is not None else 1e-7), 4 * eps)
-        self.atol = options.atol if options.atol is not None else 1e-2 * (atol if atol is not None else 1e-9)
+        # unset (a core caller without host tolerances): 1e-2 of torchdiffeq's defaults 1e-7, 1e-9
+        self.rtol = max(options.rtol if options.rtol is not None else 1e-9, 4 * eps)
+        self.atol = options.atol if options.atol is not None else 1e-11
         cd = prob.policy.compute_dtype
         self.u_compute = 0.0 if cd is None or torch.finfo(cd).eps <= eps else torch.finfo(cd).eps
         # the unit roundoff of the velocities (the state dtype's own when there is no autocast)
         self.u_noise = max(self.u_compute, eps)
         self.back_rtol = max(16 * eps, 8 * self.u_compute)
-        self.iterations = 0
 
     def deterministic(self, replay, run):
         """Run a forward; raise (with the generators and buffers put back) if the field drew random
@@ -179,7 +189,7 @@ class DirkStepper:
                 continue
             base = _axpy(y, h, ks, tab.a[i]) if i else y
             guess = ks[-1].detach() if ks else (k0.detach() if k0 is not None else torch.zeros_like(y))
-            hg = _scalar_hg(h.detach() if isinstance(h, torch.Tensor) else h, gamma)
+            hg = (h.detach() if isinstance(h, torch.Tensor) else h) * gamma
             with torch.no_grad():
                 k_star, F, n_ev = self._newton(solver, layout, base.detach(), hg, gamma, times[i], guess, h)
             evals += n_ev
@@ -191,7 +201,7 @@ class DirkStepper:
                 continue
             # The stage with a graph: value k*; derivative that of f at the converged state routed
             # through N*^{-T} (the implicit function theorem, see the module docstring).
-            z = _stage_state(base, _scalar_hg(h, gamma), k_star)
+            z = _stage_state(base, h * gamma, k_star)
             fk = self._f(times[i], z)
             evals += 1
             routed = _TransposedStageSolve.apply(fk, self._transposed(solver, layout, z.detach(), times[i], h, gamma))
@@ -238,12 +248,12 @@ class DirkStepper:
         """This step's linear solver (the protocol in :mod:`._linear`): dense or Krylov."""
         if self._mode(layout) == "krylov":
             return KrylovSolver(self, layout)
-        return DenseSolver(self, layout, y.detach(), times[0].detach() if isinstance(times[0], torch.Tensor) else times[0], h)
+        return DenseSolver(self, layout, y.detach(), times[0].detach() if isinstance(times[0], torch.Tensor) else times[0])
 
     def _newton(self, solver, layout, base, hg, gamma, t, k, h):
         state_dtype = self.prob.policy.state_dtype
         hg_groups = layout.hg(hg, 1.0, state_dtype, base.device)
-        prev, evals, worst = None, 0, math.inf
+        prev, prev_worst, evals, worst = None, math.inf, 0, math.inf
         rec = self.prob.record
         for m in range(self.opts.max_iter):
             z = _stage_state(base, hg, k)
@@ -251,7 +261,6 @@ class DirkStepper:
             evals += 1
             res = F - k
             dk = layout.unflat(solver.solve(layout.flat(res), lin, gamma, hg_groups))
-            self.iterations += 1
             rec.newton_iterations += 1
             change = (dk * hg).abs()
             err = rms(layout, change / (self.atol + self.rtol * z.abs()))
@@ -269,15 +278,16 @@ class DirkStepper:
                     z.abs() * layout.unflat(gain[:, None].expand(layout.groups, layout.n)) + hg_abs * F.abs())
                 noise = rms(layout, change / floor)
                 conv = conv | ((noise <= 1.0) & (err > 0.25 * prev))
-            worst = float(err.max()) if err.numel() else 0.0
+            # one host synchronisation per iteration: the worst scaled update, and whether all converged
+            worst, done = torch.stack([err.max(), conv.all().to(err.dtype)]).tolist() if err.numel() else (0.0, 1.0)
             if not math.isfinite(worst):
                 break
-            if bool(conv.all()):
+            if done:
                 self._last = (solver, layout, gamma, hg_groups, lin)
                 return k, F, evals
-            if prev is not None and m >= 2 and worst > 2.0 * float(prev.max()):
+            if prev is not None and m >= 2 and worst > 2.0 * prev_worst:
                 break  # diverging
-            prev = err
+            prev, prev_worst = err, worst
             # A converged group (sample) keeps its iterate: its result does not depend on how long
             # the other samples iterate (the backward recomputes the step with other samples' h = 0).
             k = k + layout.unflat(torch.where(conv[:, None], 0.0, layout.flat(dk)))

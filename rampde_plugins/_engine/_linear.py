@@ -101,12 +101,11 @@ def rms(layout, v):
 class DenseSolver:
     """Modified Newton: ``J`` at the step's start, one LU per distinct diagonal entry."""
 
-    def __init__(self, stepper, layout: Layout, y, t, h):
+    def __init__(self, stepper, layout: Layout, y, t):
         self.stepper, self.layout = stepper, layout
         self.dtype = stepper.prob.policy.state_dtype
         self.J = jacobian(stepper, layout, y, t)
         stepper.prob.nfe_extra += 1
-        self.h = h
         self.lus = {}
         self.norm = None
 
@@ -141,6 +140,7 @@ class KrylovSolver:
 
     def __init__(self, stepper, layout: Layout):
         self.stepper, self.layout = stepper, layout
+        self.norm = None
 
     def evaluate(self, t, z, gamma):
         with torch.enable_grad():
@@ -163,11 +163,14 @@ class KrylovSolver:
         return x
 
     def jacobian_norm(self, lin):
-        """A gain estimate ``|J 1|_rms`` per group at the current iterate (one more J v)."""
-        vjp, u = lin
-        with torch.enable_grad():
-            (jv,) = torch.autograd.grad(vjp, u, torch.ones_like(vjp), retain_graph=True)
-        return rms(self.layout, jv.to(self.stepper.prob.policy.state_dtype))
+        """A gain estimate ``|J 1|_rms`` per group, from one more ``J v`` once per step (a size for
+        the noise floor: it need not follow the iterates)."""
+        if self.norm is None:
+            vjp, u = lin
+            with torch.enable_grad():
+                (jv,) = torch.autograd.grad(vjp, u, torch.ones_like(vjp), retain_graph=True)
+            self.norm = rms(self.layout, jv.to(self.stepper.prob.policy.state_dtype))
+        return self.norm
 
     def transposed_preconditioner(self, gamma, hg_groups):
         return None

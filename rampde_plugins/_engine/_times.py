@@ -26,8 +26,11 @@ class _StepTable:
         self.start, self.stop = 0, -1
 
     def h_at(self, n: int) -> torch.Tensor:
-        """Step n's size as a 0-d tensor in the time dtype (``grid[n+1] - grid[n]``, computed on
-        demand: a whole-grid difference would be one more time value per step held for the solve)."""
+        """Step n's size as a 0-d tensor in the time dtype: a view into the loaded chunk's sizes, or
+        ``grid[n+1] - grid[n]`` outside it (a whole-grid difference would be one more time value per
+        step held for the solve)."""
+        if self.start <= n < self.stop:
+            return self.h_chunk[n - self.start]
         return self.grid[n + 1] - self.grid[n]
 
     def __getitem__(self, n: int):
@@ -37,7 +40,7 @@ class _StepTable:
             c1 = min(c0 + self.CHUNK, self.n_steps)
             pts = self.grid[c0 : c1 + 1]
             self.times = self.prob.stage_time_table(pts, offset=c0).unbind(0)
-            h = pts[1:] - pts[:-1]
+            h = self.h_chunk = pts[1:] - pts[:-1]
             # floats: the steps then use fused add(alpha=h*a_ij) (one synchronisation per chunk)
             self.h = [self.prob.h_for_state(x, self.y) for x in h] if self.prob.per_sample else h.tolist()
             self.start, self.stop = c0, c1
