@@ -59,6 +59,7 @@ def solve_grid(
     param_hint: str = "pass them in params",
     checkpoint=None,
     newton=None,
+    field_time_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Solve ``dy/dt = f(t, y)`` on one shared time ``grid`` and return the solution at ``t_out``.
 
@@ -86,6 +87,8 @@ def solve_grid(
         callback_step_adjoint: ``callback(t0, y0, dt)`` before each backward step.
         method: name recorded in the statistics.
         param_hint: how the caller's API declares parameters (ends the hidden-parameter error).
+        field_time_dtype: the dtype ``f`` casts its time to, if narrower than the grid's: the time
+            nudges of ``perturb`` are taken in it (so that they survive the cast).
 
     Returns:
         Tensor of shape ``(len(t_out), *y0.shape)`` in the policy's output dtype.
@@ -118,7 +121,7 @@ def solve_grid(
     prob = _new_problem(
         f, y0, tableau, policy, params, _SharedTimeOutputs(t_out_t, grid_cpu, interp), scaler, method, param_hint,
         schedule, n_steps=grid_cpu.shape[0] - 1, per_sample=False, perturb=bool(perturb), newton=newton,
-        callback_step=callback_step, callback_step_adjoint=callback_step_adjoint,
+        callback_step=callback_step, callback_step_adjoint=callback_step_adjoint, nudge_dtype=field_time_dtype,
     )
     return _run(prob, y0, grid_t, t_out_t, params, buffers)
 
@@ -186,6 +189,7 @@ def solve_adaptive(
     param_hint: str = "pass them in params",
     checkpoint=None,
     newton=None,
+    field_time_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Adaptive-step solve with one shared time, outputs at ``t_out`` (torchdiffeq's layout).
 
@@ -217,7 +221,7 @@ def solve_adaptive(
     prob = _new_problem(
         f, y0, tableau, policy, params, _SharedTimeOutputs(t_out_t, None, interp), scaler, method, param_hint,
         schedule, n_steps=0, per_sample=False, nudge_end=True, callback_step_adjoint=callback_step_adjoint, newton=newton,
-        callback_accept_step_adjoint=callback_accept_step_adjoint,
+        callback_accept_step_adjoint=callback_accept_step_adjoint, nudge_dtype=field_time_dtype,
     )
     diff_params = _attach(prob, params, buffers, param_hint, y0.device)
     grad_mode = torch.is_grad_enabled()

@@ -288,8 +288,7 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
             k0_token = None
             if first_next:
                 # Past a discontinuity of f: its value on the new side, as torchdiffeq does.
-                with torch.no_grad():
-                    t_next = torch.nextafter(t1, torch.full_like(t1, math.inf))
+                t_next = prob.nudge(t1, math.inf)
                 k0_token = replay.snapshot() if active else None
                 # (taped: evaluated inside the next trial's graph, at the same nudged time)
                 k0, carried = (None, False) if taping else (f_counted(t_next, y1), False)

@@ -63,6 +63,19 @@ class _Problem:
     time_bytes: tuple = (0, 0)  # the time grid kept for the backward: fixed bytes, bytes per step
     # an implicit tableau's stepper (Newton per stage, see _implicit); None: the explicit RK step
     stepper: object = None
+    # the dtype the field receives its time in, if narrower than the engine's (torchdiffeq: float32
+    # for a float32 state while its controller runs in float64): time nudges are taken there
+    nudge_dtype: torch.dtype | None = None
+
+    def nudge(self, t: torch.Tensor, toward: float) -> torch.Tensor:
+        """The next representable time after (``toward=inf``) or before ``t`` *as the field sees it*:
+        a float64 nudge of 0.5 rounds back to 0.5 in a float32 field and would land on the wrong side
+        of a jump there."""
+        with torch.no_grad():
+            if self.nudge_dtype is not None and self.nudge_dtype != t.dtype:
+                narrow = t.to(self.nudge_dtype)
+                return torch.nextafter(narrow, torch.full_like(narrow, toward)).to(t.dtype)
+            return torch.nextafter(t, torch.full_like(t, toward))
 
     def held_extra_bytes(self) -> int:
         """What a budgeted solve holds besides states and graphs: its time grid, its replay records."""
@@ -114,13 +127,13 @@ class _Problem:
                 ti = t0 + c * h
             if i == 0 and (self.perturb or first_next is not None):
                 with torch.no_grad():
-                    nudged = torch.nextafter(ti, torch.full_like(ti, math.inf))
+                    nudged = self.nudge(ti, math.inf)
                     if not self.perturb:
                         nudged = torch.where(torch.as_tensor(first_next, device=ti.device), nudged, ti)
                 ti = ti + (nudged - ti).detach()
             elif c == 1.0 and (self.perturb or self.nudge_end):
                 with torch.no_grad():
-                    nudged = torch.nextafter(ti, torch.full_like(ti, -math.inf))
+                    nudged = self.nudge(ti, -math.inf)
                 ti = ti + (nudged - ti).detach()
             times.append(ti)
         return times

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import torch
 
 
@@ -63,7 +65,7 @@ class StepData:
             return self.ks[0]
         if self._f0 is None:
             with prob.autocast():
-                self._f0 = prob.f(self.t0, self.y0).to(prob.policy.state_dtype)
+                self._f0 = prob.f(_inside(prob, self.t0, math.inf), self.y0).to(prob.policy.state_dtype)
             prob.nfe_extra += 1
         return self._f0
 
@@ -84,9 +86,18 @@ class StepData:
         if self._f1 is None:
             prob = self._prob
             with prob.autocast():
-                self._f1 = prob.f(self.t1, self.y1).to(prob.policy.state_dtype)
+                self._f1 = prob.f(_inside(prob, self.t1, -math.inf), self.y1).to(prob.policy.state_dtype)
             prob.nfe_extra += 1
         return self._f1
+
+
+def _inside(prob, t: torch.Tensor, toward: float) -> torch.Tensor:
+    """``t`` moved one representable time into the step under ``perturb`` (a field that jumps at grid
+    points is evaluated on the step's side, as its stages are); the nudge is a constant for gradients."""
+    if not prob.perturb:
+        return t
+    nudged = prob.nudge(t, toward)
+    return t + (nudged - t).detach()
 
 
 def _bad_velocity(k, y, t) -> None:
