@@ -52,6 +52,11 @@ from ._engine import (
     checkpoint_schedule,
     newton_options,
     parse_memory_budget,
+    QUADRATURE_OPTIONS,
+    QuadratureOptions,
+    QuadratureProblem,
+    quadrature_options,
+    solve_quadrature,
 )
 from ._policy import SCALING_MODES, PrecisionPolicy, RampdeToleranceWarning, ScalerConfig, check_tolerance
 from ._scaler import AdjointScaler
@@ -78,6 +83,9 @@ __all__ = [
     "NewtonOptions",
     "INTERPOLATIONS",
     "PrecisionPolicy",
+    "QUADRATURE_OPTIONS",
+    "QuadratureOptions",
+    "QuadratureProblem",
     "RampdeAdapterWarning",
     "RampdeToleranceWarning",
     "Registry",
@@ -95,6 +103,8 @@ __all__ = [
     "checkpoint_schedule",
     "newton_options",
     "parse_memory_budget",
+    "quadrature_options",
+    "solve_quadrature",
     "collect_stats",
     "get_plugin_manager",
     "get_registry",

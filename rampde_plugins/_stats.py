@@ -62,6 +62,11 @@ class SolveStats:
     newton_iterations: int = 0
     #: implicit methods, adaptive steps: trial steps rejected because Newton's method did not converge
     newton_failures: int = 0
+    #: the backward that ran: "discrete" (the steps' exact adjoint, odeint) or "quadrature" (the
+    #: Gauss--Legendre quadrature adjoint, odeint_adjoint / QuadratureAdjoint)
+    adjoint: str = "discrete"
+    #: quadrature adjoint: Gauss--Legendre nodes over all output intervals (one parameter VJP each)
+    quadrature_nodes: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +103,18 @@ def collect_stats():
     """Collect a :class:`SolveStats` record for every rampde solve started in the block (nestable)."""
     collector = StatsCollector()
     token = _ACTIVE.set(_ACTIVE.get() + (collector,))
+    try:
+        yield collector
+    finally:
+        _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def _private_stats():
+    """Solves started in the block are counted only by the collector it yields (the inner solves of
+    a quadrature adjoint's backward are part of *its* record, not records of their own)."""
+    collector = StatsCollector()
+    token = _ACTIVE.set((collector,))
     try:
         yield collector
     finally:

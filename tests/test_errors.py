@@ -122,12 +122,27 @@ def test_internal_leaves_of_the_field_are_not_reported():
     assert y0.grad is not None
 
 
-def test_odeint_adjoint_refused_with_advice():
-    func = MLPField(dtype=torch.float32)
-    before = {k: v.clone() for k, v in func.state_dict().items()}
-    with pytest.raises(ValueError, match=r"odeint_adjoint\(method='rampde_rk4'\) would integrate torchdiffeq's continuous adjoint"):
-        odeint_adjoint(func, torch.ones(2, 3), T, method="rampde_rk4")
-    assert all(torch.equal(v, before[k]) for k, v in func.state_dict().items())
+def test_odeint_adjoint_refused_with_advice_without_torchdiffeqs_adjoint_function():
+    # A torchdiffeq whose odeint_adjoint does not go through OdeintAdjointMethod.apply (a capability
+    # the adapter checks): rampde methods cannot get the quadrature adjoint there, and are refused
+    # rather than run under torchdiffeq's continuous adjoint.
+    import rampde_plugins
+    import torchdiffeq._impl.adjoint as adj
+
+    rampde_plugins.uninstall("torchdiffeq")
+    original = adj.OdeintAdjointMethod
+    adj.OdeintAdjointMethod = object()
+    try:
+        rampde_plugins.install("torchdiffeq")
+        func = MLPField(dtype=torch.float32)
+        before = {k: v.clone() for k, v in func.state_dict().items()}
+        with pytest.raises(ValueError, match=r"odeint_adjoint\(method='rampde_rk4'\) needs torchdiffeq's OdeintAdjointMethod"):
+            odeint_adjoint(func, torch.ones(2, 3), T, method="rampde_rk4")
+        assert all(torch.equal(v, before[k]) for k, v in func.state_dict().items())
+    finally:
+        rampde_plugins.uninstall("torchdiffeq")
+        adj.OdeintAdjointMethod = original
+        rampde_plugins.install("torchdiffeq")
 
 
 def test_rampde_as_adjoint_method_refused():

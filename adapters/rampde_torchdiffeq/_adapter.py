@@ -6,9 +6,11 @@ What is patched, and why it is the minimum:
   entry ``rampde_<name>`` per registered tableau -- that is how torchdiffeq finds any method.
 * the module global ``_check_inputs`` of ``torchdiffeq._impl.odeint`` and ``torchdiffeq._impl.adjoint``
   is wrapped: for rampde method names only, it first validates the call with clear ``ValueError``\\ s
-  (torchdiffeq's own checks are ``assert``\\ s) and refuses ``odeint_adjoint``, whose continuous
-  adjoint is a different algorithm than the discrete adjoint the user asked for.  Every other method
-  goes straight to torchdiffeq's function.
+  (torchdiffeq's own checks are ``assert``\\ s).  Every other method goes straight to torchdiffeq's function.
+* the module global ``OdeintAdjointMethod`` of ``torchdiffeq._impl.adjoint`` (what ``odeint_adjoint``
+  calls ``.apply`` on) becomes an :class:`AdjointDispatch`: rampde methods run the Gauss--Legendre
+  quadrature adjoint (``_quadrature``), every other method torchdiffeq's own Function.  A torchdiffeq
+  without that Function keeps ``odeint_adjoint`` refused for rampde methods, with advice.
 
 ``uninstall`` removes exactly those entries and restores the wrapped functions (only if nobody
 replaced them since).  Capabilities are checked, not version strings.
@@ -25,15 +27,16 @@ import torch
 
 from rampde_plugins import HostAdapter, UnsupportedHostError, resolve_policy
 
+from ._quadrature import AdjointDispatch
 from ._solver import RampdeFixedGridSolver, make_solver_class, parse_options
 
 PREFIX = "rampde_"
 
 _ADJOINT_MESSAGE = (
-    "odeint_adjoint(method={method!r}) would integrate torchdiffeq's continuous adjoint ODE, not "
-    "differentiate the steps {method!r} takes. rampde methods already return the exact discrete-adjoint "
-    "gradient with one stored state per step: call torchdiffeq.odeint(func, y0, t, method={method!r}, "
-    "options=...) instead (add options['adjoint_params'] for parameters outside an nn.Module)."
+    "odeint_adjoint(method={method!r}) needs torchdiffeq's OdeintAdjointMethod in torchdiffeq._impl.adjoint, "
+    "which this torchdiffeq lacks, to run rampde's quadrature adjoint; without it odeint_adjoint would integrate "
+    "torchdiffeq's continuous adjoint around a rampde forward. Call torchdiffeq.odeint(func, y0, t, "
+    "method={method!r}, options=...) instead: its backward is rampde's exact discrete adjoint."
 )
 _ADJOINT_METHOD_MESSAGE = (
     "adjoint_method={method!r}: rampde methods are not integrators for torchdiffeq's continuous adjoint; "
@@ -83,6 +86,23 @@ def validate_call(method: str, y0, t, options) -> None:
             )
     opts = parse_options(method, options)
     resolve_policy(opts["precision"], device_type=parts[0].device.type, state_dtype=parts[0].dtype)
+
+
+def _adjoint_function(adjoint_mod):
+    """torchdiffeq's adjoint Function, if odeint_adjoint reaches it as ``OdeintAdjointMethod.apply``
+    with the argument list the dispatch forwards (0.2.x: 14 leading arguments, then the parameters)."""
+    fn = getattr(adjoint_mod, "OdeintAdjointMethod", None)
+    if isinstance(fn, AdjointDispatch):
+        fn = fn.original
+    if not (isinstance(fn, type) and issubclass(fn, torch.autograd.Function)):
+        return None
+    try:
+        params = list(inspect.signature(fn.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    expected = ["ctx", "shapes", "func", "y0", "t", "rtol", "atol", "method", "options", "event_fn", "adjoint_rtol",
+                "adjoint_atol", "adjoint_method", "adjoint_options", "t_requires_grad"]
+    return fn if params[: len(expected)] == expected else None
 
 
 def _code_of(module_name: str, qualname: str):
@@ -166,7 +186,12 @@ class TorchdiffeqAdapter(HostAdapter):
             self._add_method(solvers, key, tab)
         self._patch(odeint_mod, "_check_inputs", in_adjoint=False)
         if adjoint_mod is not None and callable(getattr(adjoint_mod, "_check_inputs", None)):
-            self._patch(adjoint_mod, "_check_inputs", in_adjoint=True)
+            # odeint_adjoint calls the module global OdeintAdjointMethod.apply: where it exists, rampde
+            # methods get the quadrature adjoint there (capability, not version); else they are refused.
+            dispatch = _adjoint_function(adjoint_mod)
+            if dispatch is not None:
+                self._patch_attr(adjoint_mod, "OdeintAdjointMethod", AdjointDispatch(dispatch, self))
+            self._patch(adjoint_mod, "_check_inputs", in_adjoint=dispatch is None)
         self._adjoint_backward_code = _code_of("torchdiffeq._impl.adjoint", "OdeintAdjointMethod.backward")
         self.installed = True
 

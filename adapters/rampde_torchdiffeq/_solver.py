@@ -139,6 +139,7 @@ class RampdeFixedGridSolver:
         self.rtol, self.atol, self.norm = rtol, atol, norm
         self.func = func
         self.y0 = y0
+        self.last_grid = None
         self.dtype = y0.dtype
         self.device = y0.device
 
@@ -175,19 +176,25 @@ class RampdeFixedGridSolver:
             grid = torch.cat([grid[: keep - 1], grid[-1:]])
         return grid
 
+    def field(self, policy, time_dtype=None):
+        """The user's function as the engine calls it: ``f(t, y)`` with ``t`` cast to the dtype
+        torchdiffeq's own methods pass a float32/float64 state (unless it already is ``time_dtype``).
+
+        torchdiffeq wraps the user's function in _PerturbFunc, which casts t to the state's dtype
+        (fp16 for an fp16 state); the engine calls the function beneath it -- never with the
+        controller's float64 leaking into a float32 field."""
+        inner = getattr(self.func, "base_func", self.func)
+        field_time = torch.promote_types(self.y0.abs().dtype, policy.state_dtype)
+        return inner if field_time == time_dtype else _TimeCast(inner, field_time)
+
     def integrate(self, t: torch.Tensor) -> torch.Tensor:
         opts = self.options
         policy = resolve_policy(opts["precision"], device_type=self.y0.device.type, state_dtype=self.y0.dtype)
         if t.shape[0] == 1:  # a copy, as torchdiffeq's own solvers return (never y0's storage)
             return self.y0.to(policy.output, copy=True).unsqueeze(0)
-        # torchdiffeq wraps the user's function in _PerturbFunc, which casts t to the state's dtype
-        # (fp16 for an fp16 state); call the function beneath it, with time in the dtype torchdiffeq
-        # gives a float32/float64 state -- never the controller's float64 leaking to a float32 field.
-        inner = getattr(self.func, "base_func", self.func)
-        field_time = torch.promote_types(self.y0.abs().dtype, policy.state_dtype)
         engine_time = torch.float64 if self.adaptive else torch.promote_types(t.dtype, policy.state_dtype)
-        if field_time != engine_time:
-            inner = _TimeCast(inner, field_time)
+        inner = self.field(policy, engine_time)
+        field_time = torch.promote_types(self.y0.abs().dtype, policy.state_dtype)
         params = opts["adjoint_params"]
         if params is None:
             params = tuple(p for p in self.func.parameters()) if isinstance(self.func, torch.nn.Module) else ()
@@ -211,11 +218,13 @@ class RampdeFixedGridSolver:
                 param_hint="pass them explicitly: options={'adjoint_params': (A, b)}",
                 checkpoint=opts["checkpoint"],
                 newton=opts["newton"],
+                field_time_dtype=field_time,
             )
+        self.last_grid = grid = self._grid(t)  # the quadrature adjoint's backward reverses it
         return solve_grid(
             inner,
             self.y0,
-            self._grid(t),
+            grid,
             t,
             tableau=self.tableau,
             policy=policy,
@@ -230,6 +239,7 @@ class RampdeFixedGridSolver:
             param_hint="pass them explicitly: options={'adjoint_params': (A, b)}",
             checkpoint=opts["checkpoint"],
             newton=opts["newton"],
+            field_time_dtype=field_time,
         )
 
     def integrate_until_event(self, t0, event_fn):

@@ -27,7 +27,8 @@ tables), ``_outputs`` (output plans), ``_problem`` (the record a solve's forward
 backward: checkpoint schedules), ``_budget`` (memory budgets: measure one step, choose a schedule), ``_implicit`` (the DIRK stepper:
 Newton per stage and the stage's transposed solve for the adjoint), ``_linear`` (its linear solves:
 GMRES, dense LU or matrix-free Newton matrices), ``_scaling`` (adjoint scaling),
-``_adjoint`` (the reverse sweep and the autograd Function), ``_api`` (the entry points below).
+``_adjoint`` (the reverse sweep and the autograd Function), ``_quadrature`` (the Gauss--Legendre
+quadrature adjoint: a backward that re-integrates ``[x, a]`` through the host), ``_api`` (the entry points below).
 """
 
 from ._api import solve_adaptive, solve_batched, solve_batched_adaptive, solve_grid
@@ -37,10 +38,12 @@ from ._budget import MemoryBudget, checkpoint_schedule, parse_memory_budget
 from ._schedules import BinomialSchedule, CheckpointSchedule, GraphsSchedule, SegmentsSchedule, StepsSchedule
 from ._steppers import StepData
 from ._implicit import LINEAR_SOLVERS, NewtonFailure, NewtonOptions, newton_options
+from ._quadrature import QUADRATURE_OPTIONS, QuadratureOptions, QuadratureProblem, quadrature_options, solve_quadrature
 
 __all__ = [
     "solve_grid", "solve_batched", "solve_adaptive", "solve_batched_adaptive", "StepController",
     "BatchedStepController", "BatchedOutputs", "StepData", "INTERPOLATIONS", "CheckpointSchedule",
     "StepsSchedule", "GraphsSchedule", "SegmentsSchedule", "BinomialSchedule", "checkpoint_schedule",
     "MemoryBudget", "parse_memory_budget", "NewtonOptions", "NewtonFailure", "StageInterpolation", "newton_options", "LINEAR_SOLVERS",
+    "QUADRATURE_OPTIONS", "QuadratureOptions", "QuadratureProblem", "quadrature_options", "solve_quadrature",
 ]

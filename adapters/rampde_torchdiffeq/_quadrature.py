@@ -1,0 +1,157 @@
+"""``torchdiffeq.odeint_adjoint(..., method="rampde_*")``: the Gauss--Legendre quadrature adjoint.
+
+``odeint_adjoint`` normalises its input (tuple states flattened, decreasing time negated, the adjoint
+norm built) and then calls the module global ``OdeintAdjointMethod.apply``.  That global is replaced by
+an :class:`AdjointDispatch` that hands rampde methods to the core's quadrature adjoint and every other
+method to torchdiffeq's own Function unchanged -- so the call is seen whatever the import order, and
+uninstalling puts the original back.
+
+The backward solves of ``[x, a]`` run through ``torchdiffeq.odeint`` itself with ``adjoint_method``,
+``adjoint_rtol``/``adjoint_atol`` and ``adjoint_options`` (norm included, read when the backward runs),
+so they are torchdiffeq's controller on the rampde engine: an adaptive method adapts on ``[x, a]``; a
+fixed grid is the forward grid reversed (when the adjoint settings are the forward's) and its
+quadrature nodes are read off cubic Hermite interpolation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rampde_plugins import QUADRATURE_OPTIONS, QuadratureProblem, quadrature_options, resolve_policy, solve_quadrature
+
+from ._solver import parse_options
+
+_CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
+_NOT_RAMPDE = (
+    "odeint_adjoint(method={method!r}, adjoint_method={adjoint!r}): with a rampde method, odeint_adjoint runs "
+    "rampde's Gauss--Legendre quadrature adjoint, whose backward solve is a rampde method too. Leave "
+    "adjoint_method unset (the same method), or name a rampde method, e.g. adjoint_method={method!r}."
+)
+
+
+class AdjointDispatch:
+    """Stands in for ``torchdiffeq._impl.adjoint.OdeintAdjointMethod``: rampde methods get the
+    quadrature adjoint; any other method goes to ``original.apply`` as before."""
+
+    _rampde = True
+
+    def __init__(self, original, adapter):
+        self.original, self.adapter = original, adapter
+
+    def __getattr__(self, name):
+        return getattr(self.original, name)
+
+    def apply(self, shapes, func, y0, t, rtol, atol, method, options, event_fn, adjoint_rtol, adjoint_atol,
+              adjoint_method, adjoint_options, t_requires_grad, *adjoint_params):
+        if not (isinstance(method, str) and self.adapter.owns(method)):
+            return self.original.apply(shapes, func, y0, t, rtol, atol, method, options, event_fn, adjoint_rtol,
+                                       adjoint_atol, adjoint_method, adjoint_options, t_requires_grad, *adjoint_params)
+        return quadrature_adjoint(self.adapter, func, y0, t, rtol, atol, method, options, event_fn, adjoint_rtol,
+                                  adjoint_atol, adjoint_method, adjoint_options, adjoint_params)
+
+
+class _Host:
+    """What the backward reads from the call: the adjoint options (``grad_fn.adjoint_options``, as on
+    torchdiffeq's own Function -- its norm may be replaced before the backward runs) and callbacks."""
+
+    def __init__(self, func, adjoint_options, adjoint_params):
+        self.func, self.adjoint_options, self.adjoint_params = func, adjoint_options, adjoint_params
+        self._zeros = None
+
+    def decorate(self, aug) -> None:
+        """torchdiffeq's adjoint callbacks (``callback_step_adjoint`` ...) on the backward field, called
+        with ``(t0, (x, a), dt)`` -- the state and its adjoint (there is no parameter adjoint in the state)."""
+        for name in _CALLBACKS:
+            cb = getattr(self.func, name + "_adjoint", None)
+            if cb is not None:
+                setattr(aug, name, lambda t0, z, dt, _cb=cb: _cb(t0, tuple(z.unbind(0)), dt))
+
+    def norm(self, z):
+        """The adjoint norm on ``[x, a]``: torchdiffeq's takes ``(t, y, adj_y, *adj_params)``; the
+        quadrature adjoint carries no parameter adjoint, so a custom norm sees zeros there (stride-0
+        views, no memory) and torchdiffeq's own norms none at all (what they contribute is 0)."""
+        fn = self.adjoint_options["norm"]
+        qual = getattr(fn, "__qualname__", "")
+        own = "handle_adjoint_norm_" in qual and qual.rsplit(".", 1)[-1] in ("default_adjoint_norm", "adjoint_seminorm")
+        if own or not self.adjoint_params:
+            rest = ()
+        else:
+            if self._zeros is None:
+                self._zeros = tuple(torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p) for p in self.adjoint_params)
+            rest = self._zeros
+        return fn((torch.zeros((), dtype=z.dtype, device=z.device), z[0], z[1], *rest))
+
+
+def _replays_forward_grid(options, adjoint_options) -> bool:
+    # torchdiffeq copies options into adjoint_options when none are given: the same grid settings then
+    # mean "the forward grid", which the backward reverses exactly instead of building a new one.
+    return (adjoint_options.get("step_size") == options.get("step_size")
+            and adjoint_options.get("grid_constructor") is options.get("grid_constructor"))
+
+
+def quadrature_adjoint(adapter, func, y0, t, rtol, atol, method, options, event_fn, adjoint_rtol, adjoint_atol,
+                       adjoint_method, adjoint_options, adjoint_params):
+    from torchdiffeq._impl.odeint import SOLVERS, odeint
+
+    owner = f"odeint_adjoint(method={method!r})"
+    if event_fn is not None:
+        raise NotImplementedError(
+            f"{owner} does not support event_fn yet (terminal events on the rampde engine are not implemented); "
+            "use torchdiffeq's own method for event handling"
+        )
+    if not (isinstance(adjoint_method, str) and adapter.owns(adjoint_method)):
+        raise ValueError(_NOT_RAMPDE.format(method=method, adjoint=adjoint_method))
+    adjoint_options = dict(adjoint_options)
+    quad = quadrature_options({k: adjoint_options.pop(k) for k in QUADRATURE_OPTIONS if k in adjoint_options},
+                              owner=f"{owner}: adjoint_options")
+    parse_options(adjoint_method, adjoint_options)  # unknown or bad adjoint options: an error now, not in backward()
+    solver = SOLVERS[method](func=func, y0=y0, rtol=rtol, atol=atol, **options)
+    policy = resolve_policy(solver.options["precision"], device_type=y0.device.type, state_dtype=y0.dtype)
+    if adjoint_options.get("precision") is None:
+        # Pinned now: in backward() the autocast context that chose the forward's policy is gone.
+        adjoint_options["precision"] = policy
+    adjoint_cls = SOLVERS[adjoint_method]
+    fixed = adjoint_cls(func=func, y0=y0, rtol=adjoint_rtol, atol=adjoint_atol,
+                        **{k: v for k, v in adjoint_options.items() if k != "norm"}).adaptive is False
+    replay_grid = fixed and adjoint_method == method and _replays_forward_grid(options, adjoint_options)
+    host = _Host(func, adjoint_options, adjoint_params)
+    state = {}
+
+    def forward(y0_):
+        run = SOLVERS[method](func=func, y0=y0_, rtol=rtol, atol=atol, **options)
+        sol = run.integrate(t)
+        state["grid"] = getattr(run, "last_grid", None)
+        return sol
+
+    def backsolve(field, z0, times):
+        opts = {k: v for k, v in host.adjoint_options.items() if k != "norm"}
+        opts["norm"] = host.norm
+        if fixed:
+            opts["interp"] = "cubic"  # the nodes are read off cubic Hermite, not the linear default
+            grid = state.get("grid")
+            if replay_grid and grid is not None:
+                opts.pop("step_size", None)
+                opts["grid_constructor"] = _ReversedGrid(grid)
+        return odeint(field, z0, times, rtol=adjoint_rtol, atol=adjoint_atol, method=adjoint_method, options=opts)
+
+    qp = QuadratureProblem(
+        f=solver.field(policy), policy=policy, forward=forward, backsolve=backsolve, options=quad,
+        params=tuple(adjoint_params), buffers=tuple(func.buffers()) if isinstance(func, torch.nn.Module) else (),
+        hint="pass them explicitly: odeint_adjoint(..., adjoint_params=(A, b))",
+        scaler=solver.options["scaler"], unused_zero=True, method=method, host=host,
+    )
+    return solve_quadrature(qp, y0, t, owner=owner, instead=f"torchdiffeq.odeint(..., method={method!r})")
+
+
+class _ReversedGrid:
+    """``grid_constructor`` of one backward interval: the forward grid's points inside it, reversed."""
+
+    def __init__(self, grid):
+        self.grid = grid.detach().to(torch.float64)
+
+    def __call__(self, func, y0, times):
+        # times: [t_i, nodes..., t_{i-1}] decreasing (torchdiffeq negates it back for the solver)
+        hi, lo = times[0].to(torch.float64), times[-1].to(torch.float64)
+        g = self.grid.to(times.device)
+        inner = g[(g > lo) & (g < hi)].flip(0)
+        return torch.cat([times[:1].to(torch.float64), inner, times[-1:].to(torch.float64)]).to(times.dtype)
