@@ -38,6 +38,10 @@ def rank_main(rank, world, mode, port, queue):
         loss.backward()
         if rank == 0:
             queue.put({n.replace("module.", ""): p.grad.tolist() for n, p in block.named_parameters()})
+        # Both ranks done before either tears gloo down: a rank destroying its process group while the
+        # other still has a collective in flight aborted ("terminate called without an active
+        # exception", SIGABRT) in 2 of 3 runs on a loaded 2-core machine.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
