@@ -16,6 +16,8 @@ from torchdiffeq import odeint, odeint_adjoint
 import rampde_plugins
 from rampde_plugins import QuadratureOptions, collect_stats, quadrature_options
 
+from .host_helpers import needs_torchdiffeq_callbacks
+
 F64 = torch.float64
 
 
@@ -193,6 +195,7 @@ def test_unused_parameters_get_zeros_like_torchdiffeq():
     assert torch.equal(f.unused.weight.grad, torch.zeros(2, 2, dtype=F64))
 
 
+@needs_torchdiffeq_callbacks
 def test_adjoint_callbacks_see_each_backward_step():
     f = Exp()
     seen = []
