@@ -314,3 +314,13 @@ def test_uninstall_restores_torchdiffeqs_function():
         rampde_plugins.install("torchdiffeq")
     assert isinstance(adj.OdeintAdjointMethod, type(ours))
     assert torchdiffeq.odeint_adjoint is adj.odeint_adjoint  # the entry point itself is never replaced
+
+
+def test_saved_tensor_hooks_do_not_hide_the_parameters():
+    # save_on_cpu (any saved-tensor hook) unpacks copies of saved tensors: the parameters must not go
+    # through save_for_backward, or every one of them looked like a hidden tensor (a spurious error).
+    f = MLP(dtype=torch.float32)
+    with torch.autograd.graph.save_on_cpu():
+        y = odeint_adjoint(f, torch.ones(2, 3), torch.tensor([0.0, 1.0]), method="rampde_rk4", options={"step_size": 0.1})
+        y.sum().backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in f.parameters())

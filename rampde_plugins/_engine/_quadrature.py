@@ -289,14 +289,18 @@ class _QuadratureAdjoint(torch.autograd.Function):
         ctx.y0_dtype = y0.dtype
         if qp.host is not None:
             ctx.adjoint_options = getattr(qp.host, "adjoint_options", None)
-        ctx.save_for_backward(sol, t, *params)
+        # The parameters themselves, not through save_for_backward: a saved-tensor hook (save_on_cpu,
+        # a meter) unpacks copies, and the node VJPs must reach the very tensors the field uses.
+        ctx.params = params
+        ctx.save_for_backward(sol, t)
         return sol
 
     @staticmethod
     def backward(ctx, grad_sol):
         if torch.is_grad_enabled():
             raise RuntimeError(_HIGHER_ORDER.format(what="create_graph=True (a second derivative)"))
-        sol, t, *params = ctx.saved_tensors
+        sol, t = ctx.saved_tensors
+        params = ctx.params
         needs = ctx.needs_input_grad
         g_y0, g_t, g_params = _backward(ctx.qp, sol, t, params, grad_sol, needs[1:3], needs[3:])
         return (None, g_y0.to(ctx.y0_dtype) if needs[1] else None, g_t, *g_params)
