@@ -19,8 +19,6 @@ import torch
 
 from rampde_plugins import QUADRATURE_OPTIONS, QuadratureProblem, quadrature_options, resolve_policy, solve_quadrature
 
-from ._solver import parse_options
-
 _CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
 _NOT_RAMPDE = (
     "odeint_adjoint(method={method!r}, adjoint_method={adjoint!r}): with a rampde method, odeint_adjoint runs "
@@ -104,13 +102,13 @@ def quadrature_adjoint(adapter, func, y0, t, rtol, atol, method, options, event_
     adjoint_options = dict(adjoint_options)
     quad = quadrature_options({k: adjoint_options.pop(k) for k in QUADRATURE_OPTIONS if k in adjoint_options},
                               owner=f"{owner}: adjoint_options")
-    parse_options(adjoint_method, adjoint_options)  # unknown or bad adjoint options: an error now, not in backward()
     solver = SOLVERS[method](func=func, y0=y0, rtol=rtol, atol=atol, **options)
     policy = resolve_policy(solver.options["precision"], device_type=y0.device.type, state_dtype=y0.dtype)
     if adjoint_options.get("precision") is None:
         # Pinned now: in backward() the autocast context that chose the forward's policy is gone.
         adjoint_options["precision"] = policy
     adjoint_cls = SOLVERS[adjoint_method]
+    # Built once now: bad adjoint options are an error at the call, not in backward().
     fixed = adjoint_cls(func=func, y0=y0, rtol=adjoint_rtol, atol=adjoint_atol,
                         **{k: v for k, v in adjoint_options.items() if k != "norm"}).adaptive is False
     replay_grid = fixed and adjoint_method == method and _replays_forward_grid(options, adjoint_options)

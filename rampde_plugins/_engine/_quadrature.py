@@ -333,12 +333,12 @@ def _backward(qp: QuadratureProblem, sol, t, params, grad_sol, need_yt, need_par
     span = tcpu[-1] - tcpu[0]
     extra_nfe, total_nodes = 0, 0
     cd = pol.compute_dtype
-    dtype = sol.device.type
+    device_type = sol.device.type
 
     def autocast(cache: bool = True):
         if cd is None:
-            return torch.autocast(dtype, enabled=False)
-        return torch.autocast(dtype, dtype=cd, cache_enabled=cache)
+            return torch.autocast(device_type, enabled=False)
+        return torch.autocast(device_type, dtype=cd, cache_enabled=cache)
 
     def flow(i: int) -> torch.Tensor:
         with torch.no_grad(), autocast():
