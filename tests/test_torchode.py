@@ -242,10 +242,18 @@ def test_hidden_parameters_point_to_params_argument():
     assert a.grad is not None
 
 
-def test_adaptive_controller_needs_an_error_estimate():
-    with pytest.raises(ValueError, match=r"has no error estimate, so PIDController cannot adapt its steps"):
-        RampdeAdjoint(to.Euler(None), to.PIDController(atol=1e-6, rtol=1e-6, pcoeff=0.2, icoeff=0.5, dcoeff=0.0)).solve(
-            _problem(torch.ones(2, 3), torch.tensor([[0.0, 1.0], [0.0, 1.0]])), term=to.ODETerm(lambda t, y: -y), dt0=0.1)
+def test_adaptive_controller_without_error_estimate_keeps_dt0_like_torchode():
+    # torchode's controllers accept every step of a method without an error estimate and keep its
+    # size: Euler + PIDController with dt0 is fixed steps of dt0 -- the same solution as torchode's.
+    pid = lambda: to.PIDController(atol=1e-6, rtol=1e-6, pcoeff=0.2, icoeff=0.5, dcoeff=0.0)  # noqa: E731
+    problem = _problem(torch.ones(2, 3), torch.tensor([[0.0, 0.35, 1.0], [0.0, 0.5, 1.0]]))
+    term = to.ODETerm(lambda t, y: -y * (1 + t[:, None]))
+    ours = RampdeAdjoint(to.Euler(None), pid()).solve(problem, term=term, dt0=0.1)
+    theirs = to.AutoDiffAdjoint(to.Euler(None), pid()).solve(problem, term=term, dt0=torch.full((2,), 0.1))
+    assert torch.allclose(ours.ys, theirs.ys, rtol=1e-6, atol=1e-7)
+    assert ours.stats["n_steps"].tolist() == theirs.stats["n_steps"].tolist()
+    with pytest.raises(ValueError, match=r"has no error estimate, so PIDController keeps the initial step size.*dt0=h"):
+        RampdeAdjoint(to.Euler(None), pid()).solve(problem, term=term)
 
 
 def test_unsupported_step_method_type():

@@ -3,6 +3,9 @@
 * ``torchode.solve_ivp(f, y0, t_eval, method="rampde_<name>", dt0=h)`` for every registered tableau;
 * :class:`RampdeAdjoint` -- use it where ``torchode.AutoDiffAdjoint`` is used, with torchode's own step
   methods (``Euler``, ``Heun``, ``Dopri5``, ``Tsit5``) and a ``precision=`` argument;
+* :class:`QuadratureAdjoint` -- use it where torchode's ``BacksolveAdjoint`` is used (or say
+  ``solve_ivp(..., method="rampde_<name>", adjoint="quadrature")``): the Gauss--Legendre quadrature
+  adjoint, memory flat in the number of steps;
 * torchode's Dopri5 and Tsit5 tableaus registered as ``dopri5``/``tsit5`` (one method per name across
   hosts: a second registration with the same coefficients is merged).
 
@@ -12,7 +15,7 @@ Importing this module does not import torchode; the hooks do, when it is install
 
 from rampde_plugins import HostAdapter, hookimpl
 
-__all__ = ["RampdeAdjoint", "RampdeStepMethod", "TorchodeAdapter"]
+__all__ = ["QuadratureAdjoint", "RampdeAdjoint", "RampdeStepMethod", "TorchodeAdapter"]
 
 
 def __getattr__(name):  # lazy: torchode is imported only when these are used
@@ -20,6 +23,10 @@ def __getattr__(name):  # lazy: torchode is imported only when these are used
         from . import _adjoint
 
         return getattr(_adjoint, name)
+    if name == "QuadratureAdjoint":
+        from ._quadrature import QuadratureAdjoint
+
+        return QuadratureAdjoint
     if name == "TorchodeAdapter":
         from ._adapter import TorchodeAdapter
 

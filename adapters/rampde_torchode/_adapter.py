@@ -12,8 +12,10 @@ What is patched, and why it is the minimum:
   sensible default controller: a method without an error estimate (``rampde_rk4``) has no use for
   torchode's default PID controller, so ``controller=None`` means ``FixedStepController()`` for it;
   embedded methods (``rampde_dopri5``) keep torchode's default adaptive controller.  The wrapper
-  also takes rampde's own ``checkpoint=`` keyword (for rampde methods only) and hands it to the
-  ``RampdeAdjoint`` that torchode builds inside (a ``from torchode import solve_ivp`` done before
+  also takes rampde's own keywords (for rampde methods only: ``checkpoint=``, ``memory_budget=``,
+  ``linear_solver=``, ``newton=``, and ``adjoint="quadrature"`` with ``adjoint_options=`` for the
+  Gauss--Legendre quadrature adjoint) and hands them to the ``RampdeAdjoint`` (or
+  ``QuadratureAdjoint``) that torchode builds inside (a ``from torchode import solve_ivp`` done before
   ``import rampde_plugins`` holds torchode's original function, which has no such keyword).
 
 ``uninstall`` restores all of it (and only where nobody replaced it since).
@@ -28,12 +30,13 @@ import inspect
 
 import torch
 
-from rampde_plugins import HostAdapter, UnsupportedHostError, checkpoint_schedule, get_registry
+from rampde_plugins import HostAdapter, UnsupportedHostError, checkpoint_schedule, get_registry, quadrature_options
 
 PREFIX = "rampde_"
 
 # Keywords of rampde's own that solve_ivp accepts for rampde methods, passed on to RampdeAdjoint.
-_RAMPDE_SOLVE_OPTIONS = ("checkpoint", "memory_budget", "linear_solver", "newton")
+_RAMPDE_SOLVE_OPTIONS = ("checkpoint", "memory_budget", "linear_solver", "newton", "adjoint", "adjoint_options")
+_ADJOINTS = ("discrete", "quadrature")
 _SOLVE_OPTIONS: contextvars.ContextVar[dict] = contextvars.ContextVar("rampde_solve_options", default={})
 
 # Tableaus torchode defines: registered by this plugin (shared with other hosts by name) and solved
@@ -127,6 +130,12 @@ class TorchodeAdapter(HostAdapter):
                     # bypasses the wrapper below): for a method without an error estimate it means
                     # "no controller given", i.e. fixed steps of dt0.
                     step_size_controller = torchode.FixedStepController()
+                if kwargs.pop("adjoint", "discrete") == "quadrature":
+                    from ._quadrature import QuadratureAdjoint
+
+                    return QuadratureAdjoint(None, step_method, step_size_controller,
+                                             **kwargs.pop("adjoint_options", None) or {}, **kwargs)
+                kwargs.pop("adjoint_options", None)
                 return RampdeAdjoint(step_method, step_size_controller, **kwargs)
             return original_adjoint(step_method, step_size_controller, **kwargs)
 
@@ -158,6 +167,25 @@ class TorchodeAdapter(HostAdapter):
                     # No error estimate: fixed steps are this method's only mode (torchode's default
                     # PID controller would fail on it).  Embedded methods keep torchode's default.
                     bound.arguments["controller"] = torchode.FixedStepController()
+            adjoint = extra.get("adjoint", "discrete")
+            if adjoint not in _ADJOINTS:
+                raise ValueError(f"solve_ivp(method={method!r}, adjoint={adjoint!r}): valid adjoints are "
+                                 f"{', '.join(map(repr, _ADJOINTS))}")
+            if adjoint == "quadrature":
+                given = [k for k in ("checkpoint", "memory_budget") if extra.get(k) is not None]
+                if given:
+                    raise ValueError(
+                        f"solve_ivp(method={method!r}, adjoint='quadrature'): {', '.join(given)} configure the discrete "
+                        "adjoint's checkpointing; the quadrature adjoint stores only the outputs. Drop them, or use "
+                        "adjoint='discrete'"
+                    )
+                options = extra.get("adjoint_options") or {}
+                if not isinstance(options, dict):
+                    raise TypeError(f"solve_ivp(adjoint_options=...) must be a dict, got {type(options).__name__}")
+                quadrature_options(options, owner=f"solve_ivp(method={method!r}, adjoint='quadrature'): adjoint_options")
+            elif extra.get("adjoint_options") is not None:
+                raise ValueError(f"solve_ivp(method={method!r}): adjoint_options apply to adjoint='quadrature' "
+                                 f"(the quadrature node rule); adjoint={adjoint!r}")
             if extra:  # validated here, before anything runs
                 checkpoint_schedule(extra.get("checkpoint"), memory_budget=extra.get("memory_budget"),
                                     owner=f"solve_ivp(method={method!r}, checkpoint=...)",

@@ -294,10 +294,15 @@ class RampdeAdjoint(torch.nn.Module):
             raise ValueError(f"time dtype {time_dtype}: use float32 or float64 (fp16 time cannot resolve small steps)")
         tableau = tableau_of(method)
         if adaptive and (tableau.b_err is None or not any(x != 0.0 for x in tableau.b_err)):
-            raise ValueError(
-                f"{method!r} has no error estimate, so {type(controller).__name__} cannot adapt its "
-                "steps; use torchode.FixedStepController() with dt0, or an embedded method (Dopri5, Tsit5, Heun)"
-            )
+            # torchode's controllers read a method without an error estimate as "error ratio 1": every
+            # step accepted, its size kept -- fixed steps of dt0, which is what runs here too.
+            if dt0 is None:
+                raise ValueError(
+                    f"{method!r} has no error estimate, so {type(controller).__name__} keeps the initial step "
+                    "size throughout (torchode's rule): pass dt0=h for fixed steps of h, or use an embedded "
+                    "method (Dopri5, Tsit5, Heun) to adapt the steps"
+                )
+            adaptive = False
         batch = y0.shape[0]
         for name, tt in (("t_start", t_start), ("t_end", t_end)):
             if not bool(torch.isfinite(tt).all()):

@@ -172,20 +172,25 @@ class _VJP:
 
 
 class AugmentedField:
-    """The backward ODE of ``z = [x, a]`` (stacked along ``stack_dim``): ``[f(t, x), -a^T df/dx]``.
+    """The backward ODE of ``z = [x, a]`` (stacked along ``stack_dim``, or concatenated along the last
+    dimension when it is None): ``[f(t, x), -a^T df/dx]``.
 
     A host solves it from ``t_i`` to ``t_{i-1}`` with its own machinery (decreasing time, so its
     controller sees the true direction); callbacks a host needs on the field may be set as attributes.
     """
 
-    def __init__(self, f: Callable, vjp: _VJP, stack_dim: int = 0):
+    def __init__(self, f: Callable, vjp: _VJP, stack_dim: int | None = 0):
         self.f, self.vjp, self.stack_dim = f, vjp, stack_dim
         self.nfe = 0
 
     def split(self, z):
+        if self.stack_dim is None:  # concatenated features: (batch, 2 * features)
+            return z.chunk(2, dim=-1)
         return z.unbind(self.stack_dim)
 
     def join(self, x, a):
+        if self.stack_dim is None:
+            return torch.cat([x, a], dim=-1)
         return torch.stack([x, a], dim=self.stack_dim)
 
     def __call__(self, t, z):
@@ -203,7 +208,7 @@ class AugmentedField:
                     f"got {getattr(fx, 'dtype', type(fx).__name__)} of shape {tuple(getattr(fx, 'shape', ()))}"
                 )
             if fx.requires_grad:
-                (gx,) = self.vjp(fx, (x_,), a, f"the backward solve's evaluation at t = {float(t):.6g}", create_graph=graph)
+                (gx,) = self.vjp(fx, (x_,), a, f"the backward solve's evaluation at t = {_when(t)}", create_graph=graph)
             else:
                 gx = None
         gx = torch.zeros_like(x) if gx is None else gx
@@ -230,7 +235,11 @@ class QuadratureProblem:
         hint: how the caller's API declares parameters (ends the hidden-tensor error).
         unused_zero: parameters the field does not use get zeros, not None (torchdiffeq's
             ``odeint_adjoint`` convention).
-        stack_dim: where ``[x, a]`` is stacked (0: shared time; 1: batch-major per-sample time).
+        stack_dim: where ``[x, a]`` is stacked; None: concatenated along the last dimension (torchode's
+            ``(batch, 2 * features)``).
+        batched_time: per-sample times: ``t`` is ``(n, batch)`` (time-major, like the outputs), ``f``
+            and ``backsolve`` get ``(batch,)`` / ``(len(times), batch)`` times, and every sample's
+            interval gets its own nodes (the same count for all, scaled to its length).
     """
 
     f: Callable
@@ -243,7 +252,8 @@ class QuadratureProblem:
     hint: str = "pass them in params"
     scaler: AdjointScaler | None = None
     unused_zero: bool = False
-    stack_dim: int = 0
+    stack_dim: int | None = 0
+    batched_time: bool = False
     method: str = ""
     record: object = field(default=None, repr=False)
     host: object = field(default=None, repr=False)  # host data the backward reads (torchdiffeq: adjoint_options)
@@ -310,27 +320,50 @@ class _QuadratureAdjoint(torch.autograd.Function):
         raise RuntimeError(_HIGHER_ORDER.format(what="forward-mode differentiation (torch.autograd.forward_ad, jvp)"))
 
 
+def _when(t) -> str:
+    """A time for an error message: a number, or the range of a per-sample batch of times."""
+    t = torch.as_tensor(t).detach()
+    if t.numel() == 1:
+        return f"{float(t):.6g}"
+    return f"[{float(t.min()):.6g}, {float(t.max()):.6g}] (per sample)"
+
+
 def _backward(qp: QuadratureProblem, sol, t, params, grad_sol, need_yt, need_params):
     pol = qp.policy
     acc, state = pol.accumulation, pol.state_dtype
     dev = grad_sol.device
+    batched = qp.batched_time  # t: (n, batch), else (n,)
     want = [i for i, p in enumerate(params) if need_params[i]]
     diff = [params[i] for i in want]
     sums = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, acc)) for p in diff]
     touched = [False] * len(diff)
     g = grad_sol.to(acc)
     tt = t.detach().to(device=dev, dtype=torch.float64)
-    tcpu = tt.cpu().tolist()
+    n_out = t.shape[0]
+    # Each interval's share of the solve's span (the node rule's input), and whether it has any length
+    # at all; per-sample times: the largest share over the samples (one node count for the batch).
+    lengths = tt[1:] - tt[:-1]
+    span = tt[-1] - tt[0]
+    if batched:
+        share = torch.where(span != 0, lengths / torch.where(span != 0, span, 1.0), 0.0).amax(dim=1).tolist()
+        has_length = (lengths != 0).any(dim=1).tolist()
+    else:
+        s = float(span)
+        share = (lengths / s).tolist() if s else [1.0] * (n_out - 1)
+        has_length = [True] * (n_out - 1)
+
+    def dot(u, v):  # <u, v> per sample (batched) or in all
+        return (u * v).reshape(u.shape[0], -1).sum(dim=1) if batched else (u * v).sum()
+
     vjp = _VJP(pol, qp.scaler)
     aug = AugmentedField(qp.f, vjp, qp.stack_dim)
     if qp.host is not None and hasattr(qp.host, "decorate"):
         qp.host.decorate(aug)
-    g_t = torch.zeros(t.shape[0], dtype=torch.promote_types(t.dtype, acc), device=dev) if need_yt[1] else None
+    g_t = torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, acc), device=dev) if need_yt[1] else None
     check = GraphCheck(params, qp.hint)
     checked = False
     rec = qp.record
     forward_nfe = rec.forward_nfe if rec is not None else 0
-    span = tcpu[-1] - tcpu[0]
     extra_nfe, total_nodes = 0, 0
     cd = pol.compute_dtype
     device_type = sol.device.type
@@ -344,28 +377,52 @@ def _backward(qp: QuadratureProblem, sol, t, params, grad_sol, need_yt, need_par
         with torch.no_grad(), autocast():
             return qp.f(tt[i], sol[i].to(state)).to(acc)
 
+    if not diff:
+        # No parameter is differentiated, so no node runs the hidden-tensor check: one evaluation at
+        # the last output does (a tensor the field closes over would otherwise get no gradient silently).
+        with torch.enable_grad(), autocast(cache=False):
+            mark = sequence_mark()
+            xk = sol[-1].to(state).detach()
+            out = qp.f(tt[-1], xk)
+            refs, outside = check.scan([out], (xk,), mark)
+        del out
+        check.raise_if_hidden(refs, outside, " (at the last output)")
+        extra_nfe += 1
     a = g[-1]
     x = sol[-1].to(state)
     with _private_stats() as inner:
-        for i in range(t.shape[0] - 1, 0, -1):
+        for i in range(n_out - 1, 0, -1):
             if g_t is not None:
-                g_t[i] = (flow(i) * g[i]).sum()
+                g_t[i] = dot(flow(i), g[i])
                 extra_nfe += 1
-            n = qp.options.count(forward_nfe, (tcpu[i] - tcpu[i - 1]) / span if span else 1.0) if diff else 0
-            nodes, weights = gauss_legendre(max(n, 1), tcpu[i - 1], tcpu[i])
+            n = qp.options.count(forward_nfe, share[i - 1]) if diff and has_length[i - 1] else 0
             if n:
-                nodes, weights = nodes.flip(0).to(dev), weights.flip(0).to(device=dev, dtype=acc)
+                unit, w = _leggauss(n)  # increasing on [-1, 1]; flipped: the backward's order
+                unit, w = unit.flip(0).to(dev), w.flip(0).to(dev)
+                lo, hi = tt[i - 1], tt[i]
+                half, mid = 0.5 * (hi - lo), 0.5 * (hi + lo)
+                if batched:  # (n, batch): every sample's nodes on its own interval (signed weights
+                    # when its time runs backward: the integral from t_{i-1} to t_i either way)
+                    nodes, weights = mid + half * unit[:, None], half * w[:, None]
+                else:
+                    nodes, weights = mid + half * unit, half * w
+                weights = weights.to(acc)
                 times = torch.cat([tt[i : i + 1], nodes, tt[i - 1 : i]])
                 # In the time dtype of the solve, where its nodes stay distinct: a float32 field must see
                 # the same (perturb-nudged) times as the forward's, which a float64 grid would round away.
                 narrow = times.to(t.dtype)
-                if bool((narrow[1:] < narrow[:-1]).all()):
+                if batched or bool((narrow[1:] < narrow[:-1]).all()):
                     times = narrow
             else:
                 times = t.detach()[i - 1 : i + 1].flip(0)
-            z = qp.backsolve(aug, aug.join(x, a.to(state)), times)
+            if has_length[i - 1]:
+                z = qp.backsolve(aug, aug.join(x, a.to(state)), times)
+            else:  # every sample's interval is empty (torchode: t_eval[:, 0] == t_start): nothing to solve
+                z = aug.join(x, a.to(state))[None]
             for k in range(n):
                 xk, ak = aug.split(z[1 + k])
+                wk = weights[k].reshape(-1, *[1] * (ak.ndim - 1)) if batched else weights[k]
+                where = f"the quadrature node t = {_when(nodes[k])}"
                 with torch.enable_grad(), autocast(cache=False):
                     mark = sequence_mark() if not checked else None
                     xk = xk.detach()
@@ -374,12 +431,12 @@ def _backward(qp: QuadratureProblem, sol, t, params, grad_sol, need_yt, need_par
                     if not checked:
                         refs, outside = check.scan([out], (xk,), mark)
                     if out.requires_grad:
-                        grads = vjp(out, diff, ak.to(acc) * weights[k], f"the quadrature node t = {float(nodes[k]):.6g}")
+                        grads = vjp(out, diff, ak.to(acc) * wk, where)
                     else:  # the field does not use the parameters here
                         grads = ()
                 del out
                 if refs is not None:
-                    check.raise_if_hidden(refs, outside, f" (at the quadrature node t = {float(nodes[k]):.6g})")
+                    check.raise_if_hidden(refs, outside, f" (at {where})")
                     checked = True
                 for j, gp in enumerate(grads):
                     if gp is not None:
@@ -389,7 +446,7 @@ def _backward(qp: QuadratureProblem, sol, t, params, grad_sol, need_yt, need_par
             total_nodes += n
             a = aug.split(z[-1])[1].to(acc)
             if i == 1 and g_t is not None:
-                g_t[0] = -(flow(0) * a).sum()
+                g_t[0] = -dot(flow(0), a)
                 extra_nfe += 1
             a = a + g[i - 1]
             x = sol[i - 1].to(state)

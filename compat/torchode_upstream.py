@@ -1,0 +1,76 @@
+"""Run torchode's own adjoint tests with rampde's adjoints in place of torchode's.
+
+    python compat/torchode_upstream.py PATH [PYTEST ARGS ...]
+
+PATH is a torchode checkout: a work tree, or the git directory that ``fetch github:martenlienen/torchode``
+leaves (its ``tests/`` are read from HEAD).  Nothing of torchode's is copied into this repository: its
+test files are exported to a temporary directory, with a ``conftest.py`` written there that swaps, before
+the tests import them:
+
+* ``torchode.BacksolveAdjoint`` and ``torchode.JointBacksolveAdjoint`` (continuous adjoints, signature
+  ``(term, step_method, controller)``) -> ``rampde_torchode.QuadratureAdjoint``;
+* ``torchode.AutoDiffAdjoint`` (backprop through the solver) -> ``rampde_torchode.RampdeAdjoint`` (the
+  discrete adjoint) -- for torchode's own methods and controllers; the tests' stub step methods and
+  stub controllers (which probe torchode's internal loop) stay on torchode's own class.
+
+Default selection: ``adjoint_test.py`` (gradcheck of every adjoint with and without ``t_eval``,
+per-sample spans, fixed steps with ``backward_dt0``).  Exit status: pytest's.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CONFTEST = '''
+import torchode
+import rampde_plugins  # installs the adapters
+from rampde_torchode import QuadratureAdjoint, RampdeAdjoint
+from torchode.single_step_methods import Euler
+from torchode.single_step_methods.runge_kutta import ExplicitRungeKutta
+
+_autodiff = torchode.AutoDiffAdjoint
+
+
+def _discrete(step_method, step_size_controller, **kwargs):
+    ours = type(step_size_controller).__module__.startswith("torchode.")  # not the tests' stubs
+    if ours and isinstance(step_method, (Euler, ExplicitRungeKutta)):
+        kwargs.pop("backprop_through_step_size_control", None)  # the discrete adjoint differentiates what ran
+        return RampdeAdjoint(step_method, step_size_controller, **kwargs)
+    return _autodiff(step_method, step_size_controller, **kwargs)
+
+
+torchode.AutoDiffAdjoint = _discrete
+torchode.BacksolveAdjoint = QuadratureAdjoint
+torchode.JointBacksolveAdjoint = QuadratureAdjoint
+'''
+
+
+def export_tests(src: Path, dest: Path) -> None:
+    if (src / "tests").is_dir():
+        for p in (src / "tests").glob("*.py"):
+            (dest / p.name).write_text(p.read_text())
+        return
+    names = subprocess.run(["git", "--git-dir", str(src), "ls-tree", "--name-only", "HEAD", "tests/"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in names:
+        if name.endswith(".py"):
+            text = subprocess.run(["git", "--git-dir", str(src), "show", f"HEAD:{name}"], capture_output=True,
+                                  text=True, check=True).stdout
+            (dest / Path(name).name).write_text(text)
+
+
+def main(argv) -> int:
+    src = Path(argv[0])
+    args = argv[1:] or ["adjoint_test.py"]
+    with tempfile.TemporaryDirectory() as tmp:
+        export_tests(src, Path(tmp))
+        (Path(tmp) / "conftest.py").write_text(CONFTEST)
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", tmp,
+                               *args], cwd=tmp).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
