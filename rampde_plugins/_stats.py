@@ -67,6 +67,9 @@ class SolveStats:
     adjoint: str = "discrete"
     #: quadrature adjoint: Gauss--Legendre nodes over all output intervals (one parameter VJP each)
     quadrature_nodes: int = 0
+    #: quadrature adjoint: the VJP calls that evaluated those nodes (fewer than the nodes when they are
+    #: batched through torch.func.vmap; equal for ``node_batch=1`` or a field vmap cannot map)
+    quadrature_calls: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)

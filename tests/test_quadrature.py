@@ -206,6 +206,84 @@ def test_adjoint_callbacks_see_each_backward_step():
     assert [s for s, _ in seen] == [1.0, 0.75, 0.5, 0.25] and all(n == 2 for _, n in seen)
 
 
+@needs_torchdiffeq_callbacks
+@pytest.mark.parametrize("method", ["rampde_dopri5", "rampde_bosh3"])
+def test_adaptive_backward_starts_from_the_forwards_step(method):
+    # Each interval's backward solve starts with the step the forward accepted across that output (not
+    # torchdiffeq's initial-step heuristic); adjoint_options["first_step"] overrides it.
+    f = MLP()
+    accepted, proposals = [], []
+    f.callback_accept_step = lambda t0, y, dt: accepted.append((float(t0), float(dt)))
+    f.callback_step_adjoint = lambda t0, z, dt: proposals.append((abs(float(t0)), float(dt)))
+    t = torch.tensor([0.0, 0.7, 2.0], dtype=F64)
+    y0 = torch.tensor([[0.5, -0.3, 0.8]], dtype=F64, requires_grad=True)
+    odeint_adjoint(f, y0, t, method=method, rtol=1e-6, atol=1e-8).sum().backward()
+
+    def step_across(time):
+        return next(dt for t0, dt in accepted if t0 < time <= t0 + dt)
+
+    def first_from(time):  # the first proposal of the backward solve that starts at the output `time`
+        return next(dt for t0, dt in proposals if t0 == time)
+
+    assert first_from(2.0) == pytest.approx(step_across(2.0), rel=1e-12)
+    assert first_from(0.7) == pytest.approx(step_across(0.7), rel=1e-12)
+    proposals.clear()
+    odeint_adjoint(f, y0, t, method=method, rtol=1e-6, atol=1e-8,
+                   adjoint_options={"first_step": 0.0123}).sum().backward()
+    assert first_from(2.0) == pytest.approx(0.0123, rel=1e-12)
+
+
+def test_node_batches_give_the_per_node_sum(reference):
+    # 'auto' evaluates an interval's nodes through torch.func.vmap in one VJP; node_batch=1 one call per
+    # node.  The same sum in fp64 (1e-12: only the order of additions differs), and both within the
+    # tolerance bound of the fp64 reference.
+    out = {}
+    for nb in ("auto", 1, 3):
+        with collect_stats() as st:
+            out[nb] = _mlp_grads(odeint_adjoint, method="rampde_dopri5", rtol=1e-7, atol=1e-9,
+                                 adjoint_options={"node_batch": nb})
+        out[nb, "stats"] = st.last
+    for nb in (1, 3):
+        for a, b in zip(out["auto"], out[nb]):
+            assert (a - b).abs().max().item() <= 1e-12 * max(1.0, b.abs().max().item())
+    nodes = out["auto", "stats"].quadrature_nodes
+    assert out[1, "stats"].quadrature_calls == nodes == out[1, "stats"].quadrature_nodes
+    # 4 intervals of at most 128 nodes (auto: 256 rows / 2 samples): the solve's first node alone (the
+    # hidden-tensor check), then one batch per interval
+    assert out["auto", "stats"].quadrature_calls == 1 + 4
+    assert out[3, "stats"].quadrature_calls < nodes
+    err = max((a - b).abs().max().item() for a, b in zip(out["auto"], reference))
+    assert err < 1e-5
+
+
+class _Gated(torch.nn.Module):
+    """A field torch.func.vmap cannot map: Python control flow on the value of t."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = MLP()
+
+    def forward(self, t, y):
+        scale = 2.0 if float(t) > 1.5 else 1.0
+        return self.net(t, y) * scale
+
+
+def test_a_field_vmap_cannot_map_is_evaluated_node_by_node():
+    grads, calls = {}, {}
+    for nb in ("auto", 1):
+        f = _Gated()
+        y0 = torch.tensor([[0.5, -0.3, 0.8]], dtype=F64, requires_grad=True)
+        with collect_stats() as st:
+            ys = odeint_adjoint(f, y0, torch.tensor([0.0, 3.0], dtype=F64), method="rampde_dopri5", rtol=1e-7,
+                                atol=1e-9, adjoint_options={"node_batch": nb})
+            ys.sum().backward()
+        grads[nb] = [y0.grad, *[p.grad for p in f.parameters()]]
+        calls[nb] = (st.last.quadrature_calls, st.last.quadrature_nodes)
+    assert calls["auto"] == calls[1] and calls[1][0] == calls[1][1]
+    for a, b in zip(grads["auto"], grads[1]):
+        assert torch.equal(a, b)
+
+
 def test_non_rampde_adjoint_method_is_a_clear_error():
     with pytest.raises(ValueError, match=r"adjoint_method='dopri5'.*quadrature adjoint.*adjoint_method='rampde_rk4'"):
         odeint_adjoint(Exp(), torch.tensor([1.0], dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
@@ -216,6 +294,7 @@ def test_non_rampde_adjoint_method_is_a_clear_error():
 @pytest.mark.parametrize("bad, match", [
     ({"quadrature_nodes": 0}, r"quadrature_nodes=0 must be an integer in \[1, 1024\]"),
     ({"gtol": -1.0}, r"gtol=-1.0 must be a positive finite number"),
+    ({"node_batch": 0}, r"node_batch=0 must be an integer in \[1, 1024\] or 'auto'"),
     ({"min_nodes": 9, "max_nodes": 4}, r"min_nodes=9 exceeds max_nodes=4"),
     ({"nodez": 3}, r"unknown option\(s\) 'nodez'"),
 ])

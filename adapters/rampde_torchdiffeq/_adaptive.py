@@ -59,6 +59,13 @@ class TorchdiffeqController(StepController):
         self.step_t = None if step_t is None else torch.as_tensor(step_t, dtype=dtype, device=dev)
         self.jump_t = None if jump_t is None else torch.as_tensor(jump_t, dtype=dtype, device=dev)
         self.trials = 0
+        self._track, self.output_steps = None, []
+
+    def track(self, times) -> None:
+        """Record, for each of the (increasing) ``times``, the size of the accepted step that reached it
+        (``output_steps``): the quadrature adjoint starts its backward solves there."""
+        self._track = [float(x) for x in times]
+        self.output_steps = []
 
     def _cb(self, name, *args):
         cb = getattr(self.func, name, None)
@@ -130,6 +137,10 @@ class TorchdiffeqController(StepController):
         self.at_jump = False
         if accept:
             self._cb("callback_accept_step", t0, y0, dt)
+            if self._track is not None:
+                end, size = float(t1), abs(float(dt))
+                while len(self.output_steps) < len(self._track) and self._track[len(self.output_steps)] <= end:
+                    self.output_steps.append(size)
             if self.on_step_t and self.next_step_index != len(self.step_t) - 1:
                 self.next_step_index += 1
             if self.on_jump_t:

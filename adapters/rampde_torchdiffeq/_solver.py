@@ -140,6 +140,8 @@ class RampdeFixedGridSolver:
         self.func = func
         self.y0 = y0
         self.last_grid = None
+        # Set by the quadrature adjoint: the accepted step size at each output (output_steps, adaptive).
+        self.track_output_steps, self.output_steps = False, None
         self.dtype = y0.dtype
         self.device = y0.device
 
@@ -209,6 +211,9 @@ class RampdeFixedGridSolver:
                 self.func, self.y0, self.tableau.order, self.rtol, self.atol, self.norm,
                 method=self.method, **opts["adaptive"],
             )
+            if self.track_output_steps:
+                controller.track(t[1:])
+                self.output_steps = controller.output_steps
             return solve_adaptive(
                 inner, self.y0, t, tableau=self.tableau, policy=policy, controller=controller,
                 interp=make_interp(self.tableau_name, self.tableau), params=params, buffers=buffers, scaler=opts["scaler"],

@@ -51,6 +51,7 @@ class QuadratureAdjoint(torch.nn.Module):
             steps of ``backward_dt0`` (``solve``'s argument; default ``-dt0``, torchode's convention).
         quadrature_nodes, gtol, min_nodes, max_nodes: the node rule (see
             ``rampde_plugins.QUADRATURE_OPTIONS``): a fixed count per output interval, or ``"auto"``.
+        node_batch: nodes per vectorised (``torch.func.vmap``) VJP, or ``"auto"``; 1 = one call per node.
         max_steps, precision, scaler, linear_solver, newton: as for :class:`RampdeAdjoint`; the
             policy is resolved once at ``solve`` and kept for the backward.
         params: tensors to differentiate (default: the term's parameters).  Tensors requiring grad that
@@ -65,13 +66,14 @@ class QuadratureAdjoint(torch.nn.Module):
 
     def __init__(self, term, step_method, step_size_controller, *, backward_controller=None, max_steps=None,
                  precision=None, params=None, scaler=None, quadrature_nodes="auto", gtol=0.25, min_nodes=8,
-                 max_nodes=512, linear_solver=None, newton=None):
+                 max_nodes=512, node_batch="auto", linear_solver=None, newton=None):
         super().__init__()
         if term is not None and not isinstance(term, ODETerm):
             raise TypeError(f"QuadratureAdjoint(term=...) must be a torchode ODETerm or None, got {type(term).__name__}")
         tableau_of(step_method)  # an unsupported method fails here
         self.options = quadrature_options(
-            {"quadrature_nodes": quadrature_nodes, "gtol": gtol, "min_nodes": min_nodes, "max_nodes": max_nodes},
+            {"quadrature_nodes": quadrature_nodes, "gtol": gtol, "min_nodes": min_nodes, "max_nodes": max_nodes,
+             "node_batch": node_batch},
             owner="QuadratureAdjoint",
         )
         back = step_size_controller if backward_controller is None else backward_controller

@@ -57,7 +57,13 @@ QUADRATURE_OPTIONS = {
     "gtol": "the 'auto' rule's factor (0.25; Norcliffe & Deisenroth use 0.1, see QuadratureOptions)",
     "min_nodes": "floor of the 'auto' rule (8; the rule alone gives 2 nodes on short solves, a ~1e-3 error)",
     "max_nodes": "cap of the 'auto' rule (512)",
+    "node_batch": "nodes evaluated together in one torch.func.vmap'ed VJP: an integer, or 'auto' (default): as many "
+                  "as make about 256 rows of the state's leading dimensions (1 = one call per node)",
 }
+
+#: 'auto' node batches fill about this many rows (nodes x the state's leading dimensions): past a few
+#: hundred rows a GEMM reads each weight once for many rows anyway, so bigger batches only cost memory.
+_AUTO_ROWS = 256
 
 
 class QuadratureOptions(NamedTuple):
@@ -76,6 +82,8 @@ class QuadratureOptions(NamedTuple):
     gtol: float = 0.25
     min_nodes: int = 8
     max_nodes: int = 512
+    #: nodes per vmap'ed VJP; None: 'auto' (see :meth:`batch`)
+    node_batch: int | None = None
 
     def count(self, forward_nfe: int, fraction: float) -> int:
         """Nodes for an interval that is ``fraction`` of the solve's span."""
@@ -84,6 +92,21 @@ class QuadratureOptions(NamedTuple):
         n = math.ceil(self.gtol * forward_nfe * fraction) if math.isfinite(fraction) else self.max_nodes
         return int(min(max(n, self.min_nodes), self.max_nodes))
 
+    def batch(self, state_shape) -> int:
+        """Nodes per vectorised VJP for a state of ``state_shape``.
+
+        Why batch at all: with a small batch each node's VJP is a few matrix-vector-like products that
+        read every weight from memory once per node, and its parameter gradient is a full-size tensor
+        written and summed once per node.  Evaluated together (``torch.func.vmap``, so the field still
+        sees one node's ``(t, x)`` per call, exactly as unbatched), the weights are read once and the
+        node sum happens inside one GEMM.  'auto' stops at about :data:`_AUTO_ROWS` rows, where the
+        GEMMs are efficient anyway; memory is that many rows' graph."""
+        if self.node_batch is not None:
+            return self.node_batch
+        shape = tuple(state_shape)
+        rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+        return max(1, _AUTO_ROWS // max(rows, 1))
+
 
 def quadrature_options(spec: Mapping | QuadratureOptions | None, owner: str) -> QuadratureOptions:
     """Validated :class:`QuadratureOptions` from a mapping with :data:`QUADRATURE_OPTIONS` keys."""
@@ -91,19 +114,21 @@ def quadrature_options(spec: Mapping | QuadratureOptions | None, owner: str) -> 
         return QuadratureOptions()
     if isinstance(spec, QuadratureOptions):
         spec = {"quadrature_nodes": spec.nodes if spec.nodes is not None else "auto", "gtol": spec.gtol,
-                "min_nodes": spec.min_nodes, "max_nodes": spec.max_nodes}
+                "min_nodes": spec.min_nodes, "max_nodes": spec.max_nodes,
+                "node_batch": spec.node_batch if spec.node_batch is not None else "auto"}
     unknown = sorted(set(spec) - set(QUADRATURE_OPTIONS))
     if unknown:
         raise ValueError(f"{owner}: unknown quadrature option(s) {unknown}; valid: {', '.join(QUADRATURE_OPTIONS)}")
 
-    def count(key, value, least):
+    def count(key, value, least, auto=False):
         if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= 1024:
-            raise ValueError(f"{owner}: {key}={value!r} must be an integer in [{least}, 1024]")
+            raise ValueError(f"{owner}: {key}={value!r} must be an integer in [{least}, 1024]"
+                             + (" or 'auto'" if auto else ""))
         return value
 
     nodes = spec.get("quadrature_nodes", "auto")
     if nodes != "auto":
-        nodes = count("quadrature_nodes", nodes, 1)
+        nodes = count("quadrature_nodes", nodes, 1, auto=True)
     else:
         nodes = None
     gtol = spec.get("gtol", 0.25)
@@ -113,7 +138,9 @@ def quadrature_options(spec: Mapping | QuadratureOptions | None, owner: str) -> 
     hi = count("max_nodes", spec.get("max_nodes", 512), 1)
     if lo > hi:
         raise ValueError(f"{owner}: min_nodes={lo} exceeds max_nodes={hi}")
-    return QuadratureOptions(nodes, float(gtol), lo, hi)
+    node_batch = spec.get("node_batch", "auto")
+    node_batch = None if node_batch == "auto" else count("node_batch", node_batch, 1, auto=True)
+    return QuadratureOptions(nodes, float(gtol), lo, hi, node_batch)
 
 
 @functools.lru_cache(maxsize=64)
@@ -183,10 +210,11 @@ class AugmentedField:
         self.f, self.vjp, self.stack_dim = f, vjp, stack_dim
         self.nfe = 0
 
-    def split(self, z):
+    def split(self, z, lead: int = 0):
+        """``(x, a)`` of ``z``, or of a stack of them along ``lead`` leading dimensions."""
         if self.stack_dim is None:  # concatenated features: (batch, 2 * features)
             return z.chunk(2, dim=-1)
-        return z.unbind(self.stack_dim)
+        return z.unbind(self.stack_dim + lead)
 
     def join(self, x, a):
         if self.stack_dim is None:
@@ -364,7 +392,9 @@ def _backward(qp: QuadratureProblem, sol, t, params, grad_sol, need_yt, need_par
     checked = False
     rec = qp.record
     forward_nfe = rec.forward_nfe if rec is not None else 0
-    extra_nfe, total_nodes = 0, 0
+    extra_nfe, total_nodes, node_calls = 0, 0, 0
+    per_call = qp.options.batch(sol.shape[1:])
+    vectorise = per_call > 1
     cd = pol.compute_dtype
     device_type = sol.device.type
 
@@ -419,22 +449,46 @@ def _backward(qp: QuadratureProblem, sol, t, params, grad_sol, need_yt, need_par
                 z = qp.backsolve(aug, aug.join(x, a.to(state)), times)
             else:  # every sample's interval is empty (torchode: t_eval[:, 0] == t_start): nothing to solve
                 z = aug.join(x, a.to(state))[None]
-            for k in range(n):
-                xk, ak = aug.split(z[1 + k])
-                wk = weights[k].reshape(-1, *[1] * (ak.ndim - 1)) if batched else weights[k]
-                where = f"the quadrature node t = {_when(nodes[k])}"
+            k = 0
+            while k < n:
+                # The first node of the solve runs alone (the hidden-tensor check reads its plain graph);
+                # the rest in batches of ``per_call`` nodes through torch.func.vmap, unless the field
+                # cannot be vmapped (then one call per node from there on: the same sum, only slower).
+                m = min(per_call, n - k) if checked and vectorise else 1
+                xk, ak = aug.split(z[1 + k : 1 + k + m], lead=1)
+                wk = weights[k : k + m]
+                wk = wk.reshape(*wk.shape, *[1] * (ak.ndim - wk.ndim))
+                tk = nodes[k : k + m]
+                where = f"the quadrature node{'s' if m > 1 else ''} t = {_when(tk)}"
                 with torch.enable_grad(), autocast(cache=False):
                     mark = sequence_mark() if not checked else None
                     xk = xk.detach()
-                    out = qp.f(nodes[k], xk)
+                    if m == 1:
+                        out = qp.f(tk[0], xk[0])
+                        cot = ak[0].to(acc) * wk[0]
+                    else:
+                        try:
+                            out = torch.func.vmap(qp.f)(tk, xk)
+                        except Exception:  # noqa: BLE001 -- not vmappable (.item(), data-dependent control
+                            # flow, in-place writes into captured tensors): per node from here on.  A field
+                            # that fails for any other reason fails again, unvectorised, just below.
+                            vectorise = False
+                            continue
+                        # Under fp16 scaling one power of two serves the batch (its largest entry): the
+                        # nodes of one interval are close in time, a small spread next to fp16's 2^40.
+                        cot = ak.to(acc) * wk
                     refs = outside = None
                     if not checked:
                         refs, outside = check.scan([out], (xk,), mark)
                     if out.requires_grad:
-                        grads = vjp(out, diff, ak.to(acc) * wk, where)
+                        # With m nodes the node sum happens inside the VJP's GEMMs (fp32 accumulators
+                        # even under autocast, rounded once to the compute dtype per batch), and the
+                        # batches are summed in the accumulation dtype below.
+                        grads = vjp(out, diff, cot, where)
                     else:  # the field does not use the parameters here
                         grads = ()
                 del out
+                node_calls += 1
                 if refs is not None:
                     check.raise_if_hidden(refs, outside, f" (at {where})")
                     checked = True
@@ -442,6 +496,7 @@ def _backward(qp: QuadratureProblem, sol, t, params, grad_sol, need_yt, need_par
                     if gp is not None:
                         sums[j].add_(gp.to(sums[j].dtype))
                         touched[j] = True
+                k += m
             extra_nfe += n
             total_nodes += n
             a = aug.split(z[-1])[1].to(acc)
@@ -454,6 +509,7 @@ def _backward(qp: QuadratureProblem, sol, t, params, grad_sol, need_yt, need_par
         rec.backward_nfe += inner.total("forward_nfe") + extra_nfe
         rec.backward_steps += inner.total("n_steps")
         rec.quadrature_nodes += total_nodes
+        rec.quadrature_calls += node_calls
         rec.scale_backoffs += vjp.backoffs
         rec.backward_done = True
     out = [None] * len(params)
