@@ -114,3 +114,23 @@ def test_stiff_benchmark_smoke(tmp_path):
         assert by[name]["ok"] and by[name]["err_in_tol_units"] < 100 and by[name]["steps"] < 1000
     assert not by["rampde_dopri5"]["ok"] and "stopped" in by["rampde_dopri5"]["note"]  # 50 steps are not enough
     assert "| robertson40 | scipy Radau |" in (tmp_path / "stiff-cpu.md").read_text()
+
+
+def test_quadrature_benchmark_smoke(tmp_path):
+    """benchmarks/quadrature.py (issue 13's width sweep and memory table) runs end to end at tiny sizes."""
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quadrature.py"), "--widths", "4,8", "--repeats",
+                           "1", "--steps", "10,20", "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "quadrature-cpu.json").read_text())
+    assert [r["width"] for r in results["sweep"]] == [4, 8]
+    for row in results["sweep"]:
+        for kind in ("direct", "td_adjoint", "td_adjoint_seminorm", "rampde_discrete", "rampde_quadrature"):
+            assert row[kind]["seconds"] > 0 and 0 <= row[kind]["grad_error"] < 1e-2, (row["width"], kind)
+        q = row["rampde_quadrature"]
+        assert q["quadrature_nodes"] >= 8 and 1 <= q["quadrature_calls"] <= q["quadrature_nodes"]
+    assert [r["steps"] for r in results["memory"]] == [10, 20]
+    md = (tmp_path / "quadrature-cpu.md").read_text()
+    assert "| 8 | " in md and "| 20 | " in md
+    assert (tmp_path / "quadrature-cpu.png").stat().st_size > 10_000
