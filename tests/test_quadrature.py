@@ -351,6 +351,38 @@ def test_hidden_tensor_is_an_error_not_a_missing_gradient():
         z.sum().backward()
 
 
+def test_hidden_tensor_without_any_declared_parameter_is_an_error():
+    # adjoint_params=() differentiates no parameter, so no quadrature node runs: the backward solve's
+    # first evaluation checks the graph instead.
+    c = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    z = odeint_adjoint(lambda t, z: -c * z, torch.tensor([1.0], dtype=F64, requires_grad=True),
+                       torch.tensor([0.0, 1.0], dtype=F64), method="rampde_dopri5", adjoint_params=())
+    with pytest.raises(ValueError, match=r"not among the parameters.*adjoint_params=\(A, b\)"):
+        z.sum().backward()
+
+
+@pytest.mark.parametrize("params", [(), None])
+def test_perturbed_grid_backward_never_evaluates_at_the_grid_points(params):
+    # torchdiffeq's perturb: f is never called exactly at a grid point (a discontinuity there), in the
+    # backward either -- the check of an undeclared tensor included (torchdiffeq's test_odeint_perturb).
+    seen = []
+
+    class Recorded(Exp):
+        def forward(self, t, z):
+            seen.append(float(t))
+            return super().forward(t, z)
+
+    g = Recorded()
+    if params == ():  # nothing to differentiate but y0
+        g.a.requires_grad_(False)
+    kw = {} if params is None else {"adjoint_params": params}
+    z = odeint_adjoint(g, torch.tensor([1.0], dtype=F64, requires_grad=True), torch.tensor([0.0, 1.0], dtype=F64),
+                       method="rampde_rk4", options={"step_size": 0.5, "perturb": True}, **kw)
+    seen.clear()
+    z.sum().backward()
+    assert seen and not {0.0, 0.5, 1.0} & set(seen)
+
+
 def test_second_derivatives_are_refused():
     f = Exp()
     z = odeint_adjoint(f, torch.tensor([1.0], dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), method="rampde_rk4",
