@@ -119,6 +119,7 @@ def main():
         f, y0, t_end, atol = PROBLEMS[name]
         ref = _scipy(f, y0, t_end, "Radau", 1e-12, atol * 1e-6)["y"]
         runs = {
+            "rampde_kvaerno5": _rampde(f, y0, t_end, "rampde_kvaerno5", args.rtol, atol, None),
             "rampde_kvaerno3": _rampde(f, y0, t_end, "rampde_kvaerno3", args.rtol, atol, None),
             "rampde_trbdf2": _rampde(f, y0, t_end, "rampde_trbdf2", args.rtol, atol, None),
             "scipy Radau": _scipy(f, y0, t_end, "Radau", args.rtol, atol),

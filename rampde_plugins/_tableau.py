@@ -296,6 +296,22 @@ def _implicit_builtins() -> tuple:
     k = 0.43586652150845899942
     kv_a3 = ((-4 * k * k + 6 * k - 1) / (4 * k), (-2 * k + 1) / (4 * k), k)
     kv_b = ((6 * k - 1) / (12 * k), -1 / ((24 * k - 12) * k), (-6 * k * k + 6 * k - 1) / (6 * k - 3), k)
+    # Kvaerno (2004) ESDIRK 5(4), gamma = 0.26: 7 stages, stiffly accurate (b is the last row of a) and
+    # L-stable; the 4th-order embedded solution is the sixth stage's state (c6 = c7 = 1), so the error
+    # estimate is the difference of the last two rows.
+    kg = 0.26
+    kv5 = (
+        [],
+        [kg, kg],
+        [0.13, 0.84033320996790809, kg],
+        [0.22371961478320505, 0.47675532319799699, -0.06470895363112615, kg],
+        [0.16648564323248321, 0.10450018841591720, 0.03631482272098715, -0.13090704451073998, kg],
+        [0.13855640231268224, 0.0, -0.04245337201752043, 0.02446657898003141, 0.61943039072480676, kg],
+        [0.13659751177640291, 0.0, -0.05496908796538376, -0.04118626728321046, 0.62993304899016403,
+         0.06962479448202728, kg],
+    )
+    kv5_c = [0.0, *(math.fsum(row) for row in kv5[1:])]
+    kv5_err = [x - y for x, y in zip(kv5[-1], (*kv5[-2], 0.0))]
     return (
         ButcherTableau("implicit_euler", c=[1.0], a=[[1.0]], b=[1.0], order=1,
                        description="backward Euler (L-stable)"),
@@ -311,6 +327,8 @@ def _implicit_builtins() -> tuple:
         ButcherTableau("kvaerno3", c=[0.0, 2.0 * k, 1.0, 1.0], a=[[], [k, k], list(kv_a3), list(kv_b)], b=list(kv_b),
                        order=3, b_err=[x - y for x, y in zip(kv_b, (*kv_a3, 0.0))],
                        description="Kvaerno's ESDIRK 3(2), stiffly accurate (L-stable)"),
+        ButcherTableau("kvaerno5", c=kv5_c, a=[list(r) for r in kv5], b=list(kv5[-1]), order=5, b_err=kv5_err,
+                       description="Kvaerno's ESDIRK 5(4), stiffly accurate (L-stable)"),
     )
 
 

@@ -15,7 +15,10 @@ from torchdiffeq import odeint
 import rampde_plugins
 from rampde_plugins import ButcherTableau, NewtonOptions, collect_stats, hookimpl
 
-IMPLICIT = {"implicit_euler": 1, "implicit_midpoint": 2, "trapezoid": 2, "sdirk2": 2, "trbdf2": 2, "kvaerno3": 3}
+from .host_helpers import needs_torchdiffeq_callbacks
+
+IMPLICIT = {"implicit_euler": 1, "implicit_midpoint": 2, "trapezoid": 2, "sdirk2": 2, "trbdf2": 2, "kvaerno3": 3,
+            "kvaerno5": 5}
 TIGHT = {"rtol": 1e-13, "atol": 1e-14}
 F64 = torch.float64
 
@@ -36,7 +39,20 @@ def test_builtin_dirk_tableaus_are_implicit_and_validated():
     assert tabs["trbdf2"].explicit_first_stage and tabs["kvaerno3"].explicit_first_stage
     assert not tabs["sdirk2"].explicit_first_stage
     assert tabs["trbdf2"].b_err is not None and tabs["kvaerno3"].b_err is not None
+    assert tabs["kvaerno5"].explicit_first_stage and tabs["kvaerno5"].b_err is not None
     assert not tabs["rk4"].implicit and tabs["rk4"].diag == (0.0,) * 4
+
+
+def test_kvaerno5s_embedded_solution_is_fourth_order():
+    # The constructor checks the main method's order conditions (to order 5); the error estimate is
+    # b - b_hat with b_hat the sixth stage's row: that row must itself be a 4th-order method (not 5th).
+    t = {t.name: t for t in rampde_plugins.BUILTIN_TABLEAUS}["kvaerno5"]
+    rows = [list(t.a[i]) + [t.diag[i]] for i in range(len(t.c))]
+    b_hat = [x - e for x, e in zip(t.b, t.b_err)]
+    assert b_hat == pytest.approx(rows[5] + [0.0], abs=1e-16)
+    ButcherTableau("kvaerno5_embedded", c=list(t.c), a=rows, b=b_hat, order=4)
+    with pytest.raises(ValueError, match="claims order 5"):
+        ButcherTableau("kvaerno5_embedded", c=list(t.c), a=rows, b=b_hat, order=5)
 
 
 def test_dirk_tableau_errors_name_the_problem():
@@ -104,6 +120,8 @@ def test_observed_order_on_a_stiff_linear_problem(method):
     exact = torch.linalg.matrix_exp(a) @ y0
     l_stable = method not in ("implicit_midpoint", "trapezoid")
     hs = [1 / 20, 1 / 40, 1 / 80, 1 / 160] if l_stable else [1 / 320, 1 / 640, 1 / 1280]
+    if IMPLICIT[method] == 5:  # its error reaches Newton's 1e-13 tolerance by h = 1/80 (1e-13): coarser
+        hs = [1 / 5, 1 / 10, 1 / 20, 1 / 40]
     orders = _order(method, lambda t, y: y @ a.T, y0, exact, hs)
     assert all(abs(o - IMPLICIT[method]) <= 0.3 for o in orders), orders
 
@@ -317,15 +335,40 @@ def test_adaptive_pairs_solve_robertson_against_scipy_radau():
     ref = torch.tensor(ref, dtype=F64)
     # kvaerno3 is within 10x the tolerance (measured 0.3x); trbdf2 -- second order, error per step
     # controlled, so the global error grows like tol^(2/3) times the steps -- measured 22x at rtol 1e-6
-    for method, allowed in (("trbdf2", 30), ("kvaerno3", 10)):
+    for method, allowed in (("trbdf2", 30), ("kvaerno3", 10), ("kvaerno5", 10)):
         with collect_stats() as stats:
-            # t = 40 falls inside a step: the dense output through the stage states is tested too (a
-            # Hermite interpolant's slope of the stiff y2 was off by 4e-3 relative here)
-            y = odeint(_robertson, torch.tensor(y0, dtype=F64), torch.tensor([0.0, 40.0], dtype=F64),
-                       method="rampde_" + method, rtol=1e-6, atol=1e-10)[-1]
+            # an implicit pair's steps land on every output (t = 40 too, not only the last): its
+            # dense output is only stage-order accurate (kvaerno5 was 213x the tolerance interpolated here)
+            y = odeint(_robertson, torch.tensor(y0, dtype=F64), torch.tensor([0.0, 40.0, 47.0], dtype=F64),
+                       method="rampde_" + method, rtol=1e-6, atol=1e-10)[1]
         excess = ((y - ref).abs() / (1e-6 * ref.abs() + 1e-10)).max().item()
         assert excess <= allowed, (method, excess)  # per component, in units of the tolerance
         assert stats.last.n_steps < 2000 and stats.last.newton_iterations > 0
+
+
+@needs_torchdiffeq_callbacks
+@pytest.mark.parametrize("t_values", [[0.0, 0.3, 1.7], [1.7, 0.3, 0.0]])
+def test_an_implicit_pairs_steps_land_on_every_output(t_values):
+    # Its dense output runs through stage states of stage order 2: outputs are stepped to, not
+    # interpolated; an explicit pair steps past them (torchdiffeq's semantics) and interpolates.
+    ends = {}
+    sign = 1.0 if t_values[-1] > t_values[0] else -1.0
+    for method in ("rampde_kvaerno5", "rampde_kvaerno3", "rampde_dopri5"):
+        f = _LinearStiff()
+        # the callback sees the user's time and the step's size (torchdiffeq negates a decreasing time)
+        f.callback_accept_step = lambda t0, y, dt, m=method: ends.setdefault(m, []).append(float(t0 + sign * dt))
+        odeint(f, torch.tensor([1.0, 0.5], dtype=F64), torch.tensor(t_values, dtype=F64), method=method,
+               rtol=1e-6, atol=1e-8)
+    for method in ("rampde_kvaerno5", "rampde_kvaerno3"):
+        for out in t_values[1:]:
+            assert min(abs(e - out) for e in ends[method]) < 1e-12, (method, out, ends[method])
+    assert sign * ends["rampde_dopri5"][-1] > sign * t_values[-1]
+    assert min(abs(e - t_values[1]) for e in ends["rampde_dopri5"]) > 1e-6
+
+
+class _LinearStiff(nn.Module):
+    def forward(self, t, y):
+        return y @ _stiff_matrix(-50.0).T
 
 
 def test_the_filtered_error_estimate_lets_steps_grow_on_a_smooth_stiff_solution():

@@ -39,7 +39,7 @@ class TorchdiffeqController(StepController):
 
     def __init__(self, func, y0, order, rtol, atol, norm, min_step=0, max_step=float("inf"), first_step=None,
                  step_t=None, jump_t=None, safety=0.9, ifactor=10.0, dfactor=0.2, max_num_steps=2**31 - 1,
-                 dtype=torch.float64, method=""):
+                 dtype=torch.float64, method="", land_at=None):
         misc = importlib.import_module("torchdiffeq._impl.misc")
         self._select_initial_step = misc._select_initial_step
         self._compute_error_ratio = misc._compute_error_ratio
@@ -60,6 +60,8 @@ class TorchdiffeqController(StepController):
         self.jump_t = None if jump_t is None else torch.as_tensor(jump_t, dtype=dtype, device=dev)
         self.trials = 0
         self._track, self.output_steps = None, []
+        # Times the steps land on exactly (as on step_t): the outputs of an implicit method.
+        self.land_at = None if land_at is None else torch.as_tensor(land_at, dtype=dtype, device=dev)
 
     def track(self, times) -> None:
         """Record, for each of the (increasing) ``times``, the size of the accepted step that reached it
@@ -84,7 +86,14 @@ class TorchdiffeqController(StepController):
                 return torch.tensor([], dtype=self.dtype, device=t0.device)
             return torch.sort(tvals[tvals >= t0]).values
 
-        self.step_t, self.jump_t = sorted_after(self.step_t), sorted_after(self.jump_t)
+        step_t = self.step_t
+        if self.land_at is not None:
+            land = self.land_at.reshape(-1).to(self.dtype)
+            for known in (step_t, self.jump_t):
+                if known is not None and len(land):
+                    land = land[~torch.isin(land, known)]
+            step_t = land if step_t is None else torch.cat([step_t, land])
+        self.step_t, self.jump_t = sorted_after(step_t), sorted_after(self.jump_t)
         if (torch.cat([self.step_t, self.jump_t]).unique(return_counts=True)[1] > 1).any():
             raise ValueError(f"odeint(method={self.method!r}): options 'step_t' and 'jump_t' must not share any time")
         self.next_step_index = min(bisect.bisect(self.step_t.tolist(), float(t0)), len(self.step_t) - 1)
