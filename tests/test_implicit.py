@@ -457,6 +457,41 @@ def test_torchode_adaptive_implicit_pair_per_sample_against_scipy():
         assert excess <= 20, (b, excess)  # in units of the tolerance; measured 12 at t = 40 (torchode's norm)
 
 
+def test_torchode_newton_failure_rejects_only_the_failing_sample():
+    # torchode decides every step per sample: a sample whose Newton iteration fails rejects its own
+    # step; the others go on as if they were solved alone (same steps, same values, same gradients).
+    import torchode as to
+
+    def solve(y0, scale):
+        # sample b's field: Robertson's kinetics slowed down by scale[b] (1: stiff, Newton fails
+        # with these settings at the controller's first step sizes; 1e-6: mild)
+        def f(t, y):
+            return scale[:, None] * _robertson(t, y)
+
+        with collect_stats() as stats:
+            sol = to.solve_ivp(f, y0, torch.tensor([[0.0, 0.05, 0.1]] * y0.shape[0], dtype=F64),
+                               method="rampde_kvaerno3", controller=to.IntegralController(atol=1e-10, rtol=1e-6),
+                               newton={"max_iter": 2, "rtol": 1e-10, "atol": 1e-14})
+        w = torch.linspace(0.5, 1.5, 9, dtype=F64).reshape(3, 3)
+        (grad,) = torch.autograd.grad((sol.ys * w).sum(), y0)
+        return sol, stats.last, grad
+
+    y0 = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=F64, requires_grad=True)
+    scales = torch.tensor([1.0, 1e-6], dtype=F64)
+    both, st, g_both = solve(y0, scales)
+    # (before: the failure's infinite error estimate was torchode's INFINITE_NORM status, stopping
+    # both samples at the first failure -- status [4, 4])
+    assert st.newton_failures > 0 and both.status.tolist() == [0, 0]
+    assert abs(both.ys[0, -1].sum().item() - 1.0) < 1e-8  # the failing sample is solved too (mass)
+    for b in range(2):
+        y0_b = y0.detach()[b : b + 1].clone().requires_grad_(True)
+        alone, st_b, g_alone = solve(y0_b, scales[b : b + 1])
+        assert (st_b.newton_failures > 0) == (b == 0)
+        assert both.stats["n_steps"][b] == alone.stats["n_steps"][0]
+        assert torch.equal(both.ys[b], alone.ys[0])
+        assert torch.allclose(g_both[b], g_alone[0], rtol=1e-10, atol=1e-14), (b, g_both[b], g_alone[0])
+
+
 def test_torchode_output_between_steps_uses_the_stage_polynomial():
     import torchode as to
 

@@ -208,6 +208,14 @@ class TorchodeController(BatchedStepController):
     def merge(self, running):
         self.state = self.controller.merge_states(running, self.next_state, self.state)
 
+    def rejecting_error(self, y0):
+        # 1e4 of the controller's own error bound: an error ratio of 1e4 cuts the step by its factor_min
+        # for methods up to order 8 (0.9 * 1e4^(-1/q) <= 0.2), and stays finite in fp32's norm (an inf
+        # estimate would be torchode's INFINITE_NORM status, stopping the sample instead).
+        atol = torch.as_tensor(getattr(self.controller, "atol", 1e-6), dtype=y0.dtype, device=y0.device)
+        rtol = torch.as_tensor(getattr(self.controller, "rtol", 1e-3), dtype=y0.dtype, device=y0.device)
+        return 1e4 * (atol + rtol * y0.abs())
+
 
 class RampdeAdjoint(torch.nn.Module):
     """Use where torchode's ``AutoDiffAdjoint`` is used; runs the rampde engine.

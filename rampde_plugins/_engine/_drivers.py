@@ -323,7 +323,8 @@ class BatchedStepController:
     * ``start(f, t0, y0, dt0) -> (dt, f0 or None)`` -- initial step sizes ``(B,)``;
     * ``judge(t0, dt, y0, y1, err) -> (accept, dt_next, status)`` -- per sample; ``status`` is a
       ``(B,)`` long tensor of torchode status codes or ``None``;
-    * ``merge(running)`` -- keep the controller state of samples that are still running.
+    * ``merge(running)`` -- keep the controller state of samples that are still running;
+    * ``rejecting_error(y0)`` -- a finite error estimate that rejects (a sample whose Newton failed).
     """
 
     def start(self, f, t0, y0, dt0):  # pragma: no cover - interface
@@ -333,6 +334,11 @@ class BatchedStepController:
         raise NotImplementedError
 
     def merge(self, running):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def rejecting_error(self, y0):  # pragma: no cover - interface
+        """A finite error estimate that ``judge`` rejects with the strongest step-size cut (a sample
+        whose Newton iteration failed); an infinite one would be a status, not a rejection."""
         raise NotImplementedError
 
 
@@ -395,13 +401,18 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                 replay.capture(n)
                 k0 = f_counted(t, y)
             h_state = prob.h_for_state(dt, y)
-            failure = None
+            failure = failed = None
+            if prob.stepper is not None:
+                prob.stepper.reject_per_sample = True  # one sample's Newton failure is its own rejection
             try:
                 y1, ks = prob.step(y, prob.stage_times(t, t + dt, dt), h_state, k0)
             except NewtonFailure as exc:  # an implicit stage did not converge: every sample rejects
                 failure = exc
                 record.newton_failures += 1
                 y1, ks = y, [k0] * tableau.stages
+            if failure is None and prob.stepper is not None and prob.stepper.failed is not None:
+                failed = prob.stepper.failed & running
+                record.newton_failures += int(failed.sum())
             nfe += tableau.stages - 1
             if prob.watch and y1.requires_grad:
                 refs, outside = prob.check.scan([y1], (y,))
@@ -414,9 +425,20 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                 err = torch.zeros_like(y) if err is None else err * h_state
                 if prob.stepper is not None:
                     err = prob.stepper.filter_error(err)
+            if failed is not None:
+                rows = failed.reshape(-1, *([1] * (y.ndim - 1)))
+                y1 = torch.where(rows, y, y1)
+                err = torch.where(rows, controller.rejecting_error(y), err)
             accept, dt_next, st = controller.judge(t, dt, y, y1, err)
             if failure is not None and bool((accept & running).any()):
                 raise failure
+            if failed is not None and bool((accept & failed).any()):  # (at dt_min a controller accepts)
+                which = torch.nonzero(accept & failed).flatten().tolist()
+                raise NewtonFailure(
+                    f"Newton's method did not converge for a stage of {tableau.name!r} in sample(s) {which} at "
+                    f"t = {[round(float(x), 6) for x in t[which]]} and the controller accepted the step anyway "
+                    "(its minimum step size): use looser Newton tolerances or more iterations (max_iter)",
+                    float(t[which[0]]), float(dt[which[0]].abs()), math.inf)
             to_update = accept & running
             t_new = torch.where(to_update, t + dt, t)
             anchored = anchored | (will_anchor & to_update)

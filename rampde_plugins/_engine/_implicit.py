@@ -142,6 +142,10 @@ class DirkStepper:
 
     def __init__(self, prob, options: NewtonOptions):
         self.prob, self.opts = prob, options
+        #: set by a per-sample adaptive driver: a sample (Newton group) whose stage does not converge
+        #: is frozen and reported in :attr:`failed` instead of raising for the whole batch
+        self.reject_per_sample = False
+        self.failed = None
         eps = torch.finfo(prob.policy.state_dtype).eps
         # unset (a core caller without host tolerances): 1e-2 of torchdiffeq's defaults 1e-7, 1e-9
         self.rtol = max(options.rtol if options.rtol is not None else 1e-9, 4 * eps)
@@ -177,6 +181,9 @@ class DirkStepper:
         solver = self._linear_solver(layout, y, times, h)
         self._last = None
         ks, evals = [], 0
+        # per-sample rejection (torchode's layout): the groups whose Newton iteration failed so far
+        failed = torch.zeros(layout.groups, dtype=torch.bool, device=y.device) \
+            if self.reject_per_sample and prob.per_sample else None
         for i in range(tab.stages):
             gamma = tab.diag[i]
             if gamma == 0.0:
@@ -191,7 +198,7 @@ class DirkStepper:
             guess = ks[-1].detach() if ks else (k0.detach() if k0 is not None else torch.zeros_like(y))
             hg = (h.detach() if isinstance(h, torch.Tensor) else h) * gamma
             with torch.no_grad():
-                k_star, F, n_ev = self._newton(solver, layout, base.detach(), hg, gamma, times[i], guess, h)
+                k_star, F, n_ev = self._newton(solver, layout, base.detach(), hg, gamma, times[i], guess, h, failed)
             evals += n_ev
             # The stage value is the iterate k*, not F = f(z*): y1 and the later stages are then
             # combinations of converged stage *states* (a stiffly accurate method's y1 is z_s), and
@@ -207,6 +214,7 @@ class DirkStepper:
             routed = _TransposedStageSolve.apply(fk, self._transposed(solver, layout, z.detach(), times[i], h, gamma))
             ks.append(k_star + (routed - routed.detach()))
         prob.nfe_extra += evals - (tab.stages - (k0 is not None))
+        self.failed = failed if failed is not None and bool(failed.any()) else None
         return _axpy(y, h, ks, tab.b), ks
 
     def filter_error(self, err: torch.Tensor) -> torch.Tensor:
@@ -250,11 +258,15 @@ class DirkStepper:
             return KrylovSolver(self, layout)
         return DenseSolver(self, layout, y.detach(), times[0].detach() if isinstance(times[0], torch.Tensor) else times[0])
 
-    def _newton(self, solver, layout, base, hg, gamma, t, k, h):
+    def _newton(self, solver, layout, base, hg, gamma, t, k, h, failed=None):
+        """``(k*, F, evaluations)`` of one implicit stage.  ``failed`` (per-sample rejection, a
+        ``(groups,)`` mask updated in place): groups already failed stay frozen, groups that diverge or
+        do not converge join it (their iterate is the starting guess), and nothing is raised."""
         state_dtype = self.prob.policy.state_dtype
         hg_groups = layout.hg(hg, 1.0, state_dtype, base.device)
         prev, prev_worst, evals, worst = None, math.inf, 0, math.inf
         rec = self.prob.record
+        guess = k
         for m in range(self.opts.max_iter):
             z = _stage_state(base, hg, k)
             F, lin = solver.evaluate(t, z, gamma)
@@ -278,19 +290,31 @@ class DirkStepper:
                     z.abs() * layout.unflat(gain[:, None].expand(layout.groups, layout.n)) + hg_abs * F.abs())
                 noise = rms(layout, change / floor)
                 conv = conv | ((noise <= 1.0) & (err > 0.25 * prev))
+            if failed is not None:
+                # per sample: a non-finite or diverging group fails alone; failed groups count as settled
+                bad = ~torch.isfinite(err)
+                if prev is not None and m >= 2:
+                    bad = bad | (err > 2.0 * prev)
+                failed |= bad & ~conv
+                conv = conv | failed
+                err = torch.where(failed, 0.0, err)
             # one host synchronisation per iteration: the worst scaled update, and whether all converged
             worst, done = torch.stack([err.max(), conv.all().to(err.dtype)]).tolist() if err.numel() else (0.0, 1.0)
             if not math.isfinite(worst):
                 break
             if done:
                 self._last = (solver, layout, gamma, hg_groups, lin)
-                return k, F, evals
-            if prev is not None and m >= 2 and worst > 2.0 * prev_worst:
+                return self._frozen(layout, failed, guess, k), F, evals
+            if failed is None and prev is not None and m >= 2 and worst > 2.0 * prev_worst:
                 break  # diverging
             prev, prev_worst = err, worst
             # A converged group (sample) keeps its iterate: its result does not depend on how long
             # the other samples iterate (the backward recomputes the step with other samples' h = 0).
             k = k + layout.unflat(torch.where(conv[:, None], 0.0, layout.flat(dk)))
+        if failed is not None:  # out of iterations: the groups still moving fail, the others stand
+            failed |= ~conv
+            self._last = (solver, layout, gamma, hg_groups, lin)
+            return self._frozen(layout, failed, guess, k), F, evals
         t0 = float(t.min()) if isinstance(t, torch.Tensor) else float(t)
         hh = float(h.abs().max()) if isinstance(h, torch.Tensor) else float(h)
         raise NewtonFailure(
@@ -300,6 +324,14 @@ class DirkStepper:
             "(options['newton']={'rtol': ..., 'atol': ...}) or more iterations (max_iter)",
             t0, hh, worst,
         )
+
+    @staticmethod
+    def _frozen(layout, failed, guess, k):
+        """``k`` with the failed groups' iterates put back to the (finite) starting guess: the step is
+        rejected for them, and a diverged iterate must not reach another sample's arithmetic."""
+        if failed is None or not bool(failed.any()):
+            return k
+        return layout.unflat(torch.where(failed[:, None], layout.flat(guess), layout.flat(k)))
 
     # -- the backward's transposed solve ----------------------------------------------------------
 
