@@ -213,7 +213,7 @@ def _reference_dirk(f, tab, y0, grid):
     return y
 
 
-@pytest.mark.parametrize("method", ["implicit_euler", "sdirk2", "trbdf2", "kvaerno3"])
+@pytest.mark.parametrize("method", ["implicit_euler", "sdirk2", "trbdf2", "kvaerno3", "kvaerno5"])
 def test_equals_backprop_through_a_converged_newton_solve(method):
     torch.manual_seed(1)
     f = Field(d=2, stiff=-50.0).double()
@@ -230,7 +230,7 @@ def test_equals_backprop_through_a_converged_newton_solve(method):
         assert (a - b).abs().max().item() <= 1e-8 * max(1.0, b.abs().max().item())
 
 
-@pytest.mark.parametrize("method", ["sdirk2", "kvaerno3"])
+@pytest.mark.parametrize("method", ["sdirk2", "kvaerno3", "kvaerno5"])
 def test_dense_and_krylov_agree(method):
     torch.manual_seed(2)
     f = Field().double()
@@ -256,7 +256,7 @@ class _PerSampleTime(nn.Module):
         return self.f(t[:, None], y)
 
 
-@pytest.mark.parametrize("method", ["implicit_euler", "trapezoid", "trbdf2"])
+@pytest.mark.parametrize("method", ["implicit_euler", "trapezoid", "trbdf2", "kvaerno5"])
 def test_both_hosts_give_the_same_result_and_gradient(method):
     import torchode as to
 
