@@ -95,6 +95,27 @@ def test_per_sample_spans_match_torchodes_backprop(reference, rtol, bound):
     assert torch.equal(sol.status, torch.zeros(4, dtype=torch.long))
 
 
+def test_adaptive_backward_starts_from_the_forwards_steps(reference):
+    # Under the forward's controller the backward starts each interval (per sample, backward spans
+    # included) with the forward's step across that output; an explicitly given backward controller
+    # keeps torchode's initial-step selection.  Both within the bound above; the seeded one cheaper.
+    ys_ref, g_ref = reference
+    f = Field()
+    term = to.ODETerm(f)
+    y0, ts, te = _per_sample_problem()
+    nfe = {}
+    for seeded in (True, False):
+        ctrl = to.IntegralController(atol=1e-6, rtol=1e-6, term=term)
+        back = None if seeded else to.IntegralController(atol=1e-6, rtol=1e-6, term=term)
+        adj = QuadratureAdjoint(term, to.Dopri5(term=term), ctrl, backward_controller=back)
+        sol, grads = _grads(adj, f, y0.detach().clone().requires_grad_(True), ts.detach().clone().requires_grad_(True),
+                            te.detach().clone().requires_grad_(True))
+        for got, want in zip(grads, g_ref):
+            assert _rel(got, want) < 1e-4
+        nfe[seeded] = sol.stats["rampde"].backward_nfe
+    assert nfe[True] < nfe[False] - 2 * 3, nfe  # at least the heuristic's two evaluations per interval
+
+
 # torchode < 0.2 builds its BacksolveAdjoint on functorch.make_functional_with_buffers, which torch
 # deprecates with a FutureWarning (the oldest compat cell, torchode 0.1.9): the reference's own warning,
 # not ours, so it is ignored here rather than turned into an error by the suite's filterwarnings.

@@ -281,6 +281,7 @@ class RampdeAdjoint(torch.nn.Module):
         self.precision = precision
         self.params = None if params is None else tuple(params)
         self.scaler = scaler
+        self._output_steps = None  # the last adaptive solve's step at each output (QuadratureAdjoint reads it)
 
     def solve(self, problem, term=None, dt0=None, args=None) -> Solution:
         method = self.step_method
@@ -362,6 +363,8 @@ class RampdeAdjoint(torch.nn.Module):
                     dt0=dt0, max_steps=self.max_steps, **common,
                 )
                 n_steps, n_accepted, status = info["n_steps"], info["n_accepted"], info["status"]
+                # (batch, n_eval): the step that reached each output -- QuadratureAdjoint's backward starts there
+                self._output_steps = info["output_steps"]
             else:
                 grid_values, anchored, n_steps, reached_max = fixed_step_grid(t_start, t_end, dt0, self.max_steps)
                 # Exact values with torchode's arithmetic; derivatives: d grid / d t_start = 1 before the

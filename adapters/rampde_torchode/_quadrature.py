@@ -77,6 +77,7 @@ class QuadratureAdjoint(torch.nn.Module):
             owner="QuadratureAdjoint",
         )
         back = step_size_controller if backward_controller is None else backward_controller
+        self.backward_controller_given = backward_controller is not None
         if isinstance(back, FixedStepController) != isinstance(step_size_controller, FixedStepController):
             raise ValueError(
                 f"QuadratureAdjoint(backward_controller={type(back).__name__}): the backward controller must be "
@@ -115,16 +116,33 @@ class QuadratureAdjoint(torch.nn.Module):
         params = self.params if self.params is not None else tuple(term.parameters())
         held = {}
 
+        # An adaptive backward under the forward's controller starts each interval with the step the
+        # forward accepted across that output (per sample), not torchode's initial-step heuristic --
+        # as the torchdiffeq host does (see its adapter: two evaluations saved and a step size that
+        # needs no growing); a sample without one (an empty interval) keeps the heuristic for all.
+        seed = backward_dt0 is None and self.backward_controller_given is False and \
+            not isinstance(self.step_size_controller, FixedStepController)
+
         def forward(y0_):
+            fwd._output_steps = None
             sol = fwd.solve(InitialValueProblem(y0_, t_start.detach(), t_end.detach(), t_eval.detach()),
                             term=term, dt0=dt0, args=args)
-            held["solution"] = sol
+            held["solution"], held["steps"] = sol, fwd._output_steps
             return torch.cat([y0_.to(sol.ys.dtype)[None], sol.ys.transpose(0, 1)])
 
         def backsolve(field, z0, times):
             te = times.transpose(0, 1).contiguous()  # (batch, len(times)), each row monotone
-            sol = back.solve(InitialValueProblem(z0, te[:, 0], te[:, -1], te), term=ODETerm(field),
-                             dt0=backward_dt0)
+            start = backward_dt0
+            steps = held.get("steps") if seed else None
+            if steps is not None:
+                # te[:, 0] is the output t_eval[:, j] this interval's backward starts from
+                col = (t_eval.detach() == te[:, :1]).all(dim=0).nonzero().flatten()
+                if len(col):
+                    size = steps[:, int(col[-1])]
+                    span = te[:, -1] - te[:, 0]
+                    if bool((torch.isfinite(size) & (size > 0)).all()) and bool((span != 0).all()):
+                        start = torch.sign(span) * size.to(span.dtype)
+            sol = back.solve(InitialValueProblem(z0, te[:, 0], te[:, -1], te), term=ODETerm(field), dt0=start)
             return sol.ys.transpose(0, 1)
 
         qp = QuadratureProblem(

@@ -393,6 +393,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
             grid.append(t)
             anchors.append(anchored)
         n = 0
+        out_steps = torch.full(outputs.t_eval.shape, math.nan, dtype=time_dtype, device=t.device)
         while bool(running.any()):
             if max_steps is not None and int(n_steps.max()) >= max_steps:
                 status = torch.where(running, 3, status)  # torchode's REACHED_MAX_STEPS
@@ -448,6 +449,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                 anchors.append(anchored)
             entry = outputs.assign(n, t, t_new, direction)
             if entry is not None:
+                out_steps[entry] = dt.detach()[entry[0]].abs().to(out_steps.dtype)
                 # The trial step's data, as torchode interpolates (only accepted samples own outputs).
                 sd = StepData(prob, t, t + dt, dt, y, y1, ks)
                 with prob.full_precision():
@@ -473,7 +475,9 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
     record.n_steps, record.n_outputs, record.forward_nfe = n, outputs.t_eval.numel(), nfe + prob.nfe_extra
     record.rejected_steps = int((n_steps - n_accepted).sum())
     prob.n_steps = n
-    info = {"n_steps": n_steps, "n_accepted": n_accepted, "status": status}
+    # output_steps: the size of the accepted step that reached each output (NaN: none did) -- where
+    # the quadrature adjoint's backward solves start their steps
+    info = {"n_steps": n_steps, "n_accepted": n_accepted, "status": status, "output_steps": out_steps}
     if keeper is not None:
         keeper.end_forward(n)
         record.stored_bytes, record.checkpoints = keeper.nbytes(), keeper.checkpoints
