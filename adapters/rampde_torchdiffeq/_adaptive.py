@@ -147,7 +147,7 @@ class TorchdiffeqController(StepController):
         if accept:
             self._cb("callback_accept_step", t0, y0, dt)
             if self._track is not None:
-                end, size = float(t1), abs(float(dt))
+                end, size = torch.stack([t1.to(self.dtype), dt.abs().to(self.dtype)]).tolist()  # one sync
                 while len(self.output_steps) < len(self._track) and self._track[len(self.output_steps)] <= end:
                     self.output_steps.append(size)
             if self.on_step_t and self.next_step_index != len(self.step_t) - 1:

@@ -120,7 +120,7 @@ class QuadratureAdjoint(torch.nn.Module):
         # forward accepted across that output (per sample), not torchode's initial-step heuristic --
         # as the torchdiffeq host does (see its adapter: two evaluations saved and a step size that
         # needs no growing); a sample without one (an empty interval) keeps the heuristic for all.
-        seed = backward_dt0 is None and self.backward_controller_given is False and \
+        seed = backward_dt0 is None and not self.backward_controller_given and \
             not isinstance(self.step_size_controller, FixedStepController)
 
         def forward(y0_):

@@ -394,6 +394,8 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
             anchors.append(anchored)
         n = 0
         out_steps = torch.full(outputs.t_eval.shape, math.nan, dtype=time_dtype, device=t.device)
+        if prob.stepper is not None:
+            prob.stepper.reject_per_sample = True  # one sample's Newton failure is its own rejection
         while bool(running.any()):
             if max_steps is not None and int(n_steps.max()) >= max_steps:
                 status = torch.where(running, 3, status)  # torchode's REACHED_MAX_STEPS
@@ -403,8 +405,6 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                 k0 = f_counted(t, y)
             h_state = prob.h_for_state(dt, y)
             failure = failed = None
-            if prob.stepper is not None:
-                prob.stepper.reject_per_sample = True  # one sample's Newton failure is its own rejection
             try:
                 y1, ks = prob.step(y, prob.stage_times(t, t + dt, dt), h_state, k0)
             except NewtonFailure as exc:  # an implicit stage did not converge: every sample rejects

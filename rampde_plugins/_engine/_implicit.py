@@ -329,7 +329,7 @@ class DirkStepper:
     def _frozen(layout, failed, guess, k):
         """``k`` with the failed groups' iterates put back to the (finite) starting guess: the step is
         rejected for them, and a diverged iterate must not reach another sample's arithmetic."""
-        if failed is None or not bool(failed.any()):
+        if failed is None:
             return k
         return layout.unflat(torch.where(failed[:, None], layout.flat(guess), layout.flat(k)))
 

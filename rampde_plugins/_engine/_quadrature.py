@@ -172,7 +172,9 @@ class _VJP:
         self.target, self.backoff, self.retries = cfg.target, cfg.backoff_factor, cfg.max_retries
         self.backoffs = 0
 
-    def __call__(self, out: torch.Tensor, inputs, cot: torch.Tensor, where: str, create_graph: bool = False):
+    def __call__(self, out: torch.Tensor, inputs, cot: torch.Tensor, where, create_graph: bool = False):
+        """``where``: a string or a callable making it -- formatted only to raise (a time in it is a
+        host sync, and this runs at every evaluation of the backward solve)."""
         if not self.dynamic or create_graph:
             return torch.autograd.grad(out, inputs, cot.to(out.dtype), allow_unused=True, create_graph=create_graph)
         amax = float(cot.abs().amax()) if cot.numel() else 0.0
@@ -188,7 +190,7 @@ class _VJP:
                 break
             if attempt == self.retries:
                 raise FloatingPointError(
-                    f"fp16 adjoint overflow at {where}: the VJP is still inf/nan after {self.retries} halvings of "
+                    f"fp16 adjoint overflow at {where() if callable(where) else where}: the VJP is still inf/nan after {self.retries} halvings of "
                     f"the adjoint scale (now {scale:g}). Use precision='bf16' (fp32 range) or 'fp32', or bound "
                     "the network's activations."
                 )
@@ -220,7 +222,7 @@ class AugmentedField:
 
     @staticmethod
     def _report(check, scanned, t) -> None:
-        check.raise_if_hidden(*scanned, f" (at the backward solve's evaluation at t = {_when(t)})")
+        check.raise_if_hidden(*scanned, lambda: f" (at the backward solve's evaluation at t = {_when(t)})")
 
     def split(self, z, lead: int = 0):
         """``(x, a)`` of ``z``, or of a stack of them along ``lead`` leading dimensions."""
@@ -257,7 +259,8 @@ class AugmentedField:
                     f"got {getattr(fx, 'dtype', type(fx).__name__)} of shape {tuple(getattr(fx, 'shape', ()))}"
                 )
             if fx.requires_grad:
-                (gx,) = self.vjp(fx, (x_,), a, f"the backward solve's evaluation at t = {_when(t)}", create_graph=graph)
+                (gx,) = self.vjp(fx, (x_,), a, lambda: f"the backward solve's evaluation at t = {_when(t)}",
+                                 create_graph=graph)
             else:
                 gx = None
         gx = torch.zeros_like(x) if gx is None else gx
@@ -474,7 +477,9 @@ def _backward(qp: QuadratureProblem, sol, t, params, grad_sol, need_yt, need_par
                 wk = weights[k : k + m]
                 wk = wk.reshape(*wk.shape, *[1] * (ak.ndim - wk.ndim))
                 tk = nodes[k : k + m]
-                where = f"the quadrature node{'s' if m > 1 else ''} t = {_when(tk)}"
+                def where(tk=tk, m=m):
+                    return f"the quadrature node{'s' if m > 1 else ''} t = {_when(tk)}"
+
                 with torch.enable_grad(), autocast(cache=False):
                     mark = sequence_mark() if not checked else None
                     xk = xk.detach()
@@ -505,7 +510,7 @@ def _backward(qp: QuadratureProblem, sol, t, params, grad_sol, need_yt, need_par
                 del out
                 node_calls += 1
                 if refs is not None:
-                    check.raise_if_hidden(refs, outside, f" (at {where})")
+                    check.raise_if_hidden(refs, outside, lambda: f" (at {where()})")
                     checked = True
                 for j, gp in enumerate(grads):
                     if gp is not None:
