@@ -62,6 +62,7 @@ from ._policy import SCALING_MODES, PrecisionPolicy, RampdeToleranceWarning, Sca
 from ._scaler import AdjointScaler
 from ._stats import SolveStats, StatsCollector, collect_stats
 from ._tableau import BUILTIN_TABLEAUS, ButcherTableau
+from ._wong_zakai import KarhunenLoeveNoise, WongZakaiField, noise_channels, wong_zakai_variance_deficit
 
 __version__ = "0.1.0"
 
@@ -77,6 +78,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "GraphsSchedule",
     "HostAdapter",
+    "KarhunenLoeveNoise",
     "LINEAR_SOLVERS",
     "MemoryBudget",
     "NewtonFailure",
@@ -99,6 +101,7 @@ __all__ = [
     "StepsSchedule",
     "StatsCollector",
     "UnsupportedHostError",
+    "WongZakaiField",
     "check_tolerance",
     "checkpoint_schedule",
     "newton_options",
@@ -112,6 +115,7 @@ __all__ = [
     "hookspec",
     "install",
     "make_plugin_manager",
+    "noise_channels",
     "register_plugin",
     "resolve_policy",
     "solve_adaptive",
@@ -120,6 +124,7 @@ __all__ = [
     "solve_grid",
     "uninstall",
     "unregister_plugin",
+    "wong_zakai_variance_deficit",
 ]
 
 # Last, once every public name exists: entry-point plugins import this package themselves.

@@ -70,6 +70,11 @@ class SolveStats:
     #: quadrature adjoint: the VJP calls that evaluated those nodes (fewer than the nodes when they are
     #: batched through torch.func.vmap; equal for ``node_batch=1`` or a field vmap cannot map)
     quadrature_calls: int = 0
+    #: Wong--Zakai solves (rampde_torchsde): K, the Karhunen--Loeve terms of the driving path (0: an ODE)
+    noise_terms: int = 0
+    #: Wong--Zakai solves: the seed of the path's generator when rampde seeded it (an int ``generator`` or
+    #: rampde's own); None for a user's torch.Generator or an ODE
+    noise_seed: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)

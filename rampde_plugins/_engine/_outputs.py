@@ -27,7 +27,7 @@ class _SharedTimeOutputs:
 
     def __init__(self, t_out, grid_cpu, interp):
         self.t_out, self.interp = t_out, interp
-        tout_cpu = t_out.detach().cpu()
+        tout_cpu = t_out.detach().cpu().contiguous()  # searchsorted warns (and copies) on a strided view
         self.steps: dict[int, list] = {}
         if grid_cpu is not None and tout_cpu.shape[0] > 1:
             step_of = (torch.searchsorted(grid_cpu, tout_cpu[1:], side="left") - 1).clamp_(min=0)
