@@ -134,3 +134,21 @@ def test_quadrature_benchmark_smoke(tmp_path):
     md = (tmp_path / "quadrature-cpu.md").read_text()
     assert "| 8 | " in md and "| 20 | " in md
     assert (tmp_path / "quadrature-cpu.png").stat().st_size > 10_000
+
+
+def test_sde_training_demo_smoke(tmp_path):
+    """benchmarks/sde_train.py (issue 14's training demo) runs every route end to end at tiny sizes."""
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sde_train.py"), "--iters", "2", "--batch", "8",
+                           "--data-paths", "40", "--eval-paths", "40", "--n-terms", "8", "--dt", "0.1", "--threads", "1",
+                           "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "sde_train-cpu.json").read_text())
+    assert list(results["routes"]) == ["rampde fp32", "rampde bf16", "rampde quadrature", "torchsde sdeint",
+                                       "torchsde sdeint_adjoint"]
+    for name, r in results["routes"].items():
+        assert r["ms_per_iter"] > 0 and math.isfinite(r["final_loss"]), name
+        assert len(r["mean"]) == len(r["std"]) == 101, name
+    assert "| rampde bf16 |" in (tmp_path / "sde_train-cpu.md").read_text()
+    assert (tmp_path / "sde_train-cpu.png").stat().st_size > 10_000
