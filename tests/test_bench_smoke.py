@@ -152,3 +152,17 @@ def test_sde_training_demo_smoke(tmp_path):
         assert len(r["mean"]) == len(r["std"]) == 101, name
     assert "| rampde bf16 |" in (tmp_path / "sde_train-cpu.md").read_text()
     assert (tmp_path / "sde_train-cpu.png").stat().st_size > 10_000
+
+
+def test_wong_zakai_study_smoke(tmp_path):
+    """benchmarks/wong_zakai.py (issue 14's convergence table) runs end to end at tiny sizes."""
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "wong_zakai.py"), "--paths", "2000", "--chunk",
+                           "1000", "--ks", "5,10", "--dt", "0.1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "wong_zakai-cpu.json").read_text())
+    for name in ("GBM", "OU"):
+        rows = results["processes"][name]["rows"]
+        assert [r["k"] for r in rows] == [5, 10] and all(r["n"] == 2000 and r["var_se"] > 0 for r in rows)
+    assert "| torchsde midpoint, dt = 0.1 |" in (tmp_path / "wong_zakai-cpu.md").read_text()
