@@ -170,13 +170,14 @@ def _fd_check(sde, y0, ts, tol, **kw):
             assert grad[i].item() == pytest.approx(fd, rel=tol, abs=tol * 1e-2), (p.shape, i)
 
 
-@pytest.mark.parametrize("checkpoint", ["steps", "graphs", 1, 3])
+@pytest.mark.parametrize("checkpoint", ["steps", "graphs", 1, 3, rampde_plugins.SegmentsSchedule(4), "budget"])
 def test_discrete_adjoint_equals_finite_differences_for_every_schedule(checkpoint):
     torch.manual_seed(0)
     sde = NeuralSDE()
     y0 = torch.randn(3, 2, dtype=torch.float64)
     ts = torch.linspace(0, 1, 4, dtype=torch.float64)
-    _fd_check(sde, y0, ts, 1e-6, n_terms=6, generator=5, options={"checkpoint": checkpoint})
+    options = {"memory_budget": "64KB"} if checkpoint == "budget" else {"checkpoint": checkpoint}
+    _fd_check(sde, y0, ts, 1e-6, n_terms=6, generator=5, options=options)
 
 
 @pytest.mark.parametrize("noise_type, sde_type", [("general", "ito"), ("scalar", "stratonovich"),
