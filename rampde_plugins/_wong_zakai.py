@@ -154,15 +154,29 @@ class KarhunenLoeveNoise:
         return float((2.0 * self.length * torch.sin(w * s) ** 2 / (w * self.length) ** 2).sum())
 
 
-def _sde_method(sde, role: str, names: dict | None):
-    name = (names or {}).get(role, {"drift": "f", "diffusion": "g"}[role])
+_DEFAULT_NAMES = {"drift": "f", "diffusion": "g", "drift_and_diffusion": "f_and_g"}
+
+
+def _sde_method(sde, role: str, names: dict | None, required: bool = True):
+    name = (names or {}).get(role, _DEFAULT_NAMES[role])
     method = getattr(sde, name, None)
-    if not callable(method):
-        raise TypeError(
-            f"sde has no callable {name!r} (its {role}); the Wong--Zakai ODE needs f(t, y) and g(t, y)"
-            + (" -- rename through names={'drift': ..., 'diffusion': ...}" if names is None else "")
-        )
-    return method
+    if callable(method) or not required:
+        return method if callable(method) else None
+    raise TypeError(
+        f"sde has no callable {name!r} (its {role}); the Wong--Zakai ODE needs f(t, y) and g(t, y), or "
+        "f_and_g(t, y) returning both" + (" -- rename through names={'drift': ..., 'diffusion': ...}" if names is None else "")
+    )
+
+
+def _drift_and_diffusion(sde, names: dict | None):
+    """``(t, y) -> (f, g)`` from ``f`` and ``g``, or from torchsde's ``f_and_g`` when one of them is missing."""
+    both = _sde_method(sde, "drift_and_diffusion", names, required=False)
+    drift = _sde_method(sde, "drift", names, required=both is None)
+    diffusion = _sde_method(sde, "diffusion", names, required=both is None)
+    if drift is not None and diffusion is not None:
+        return (lambda t, y: (drift(t, y), diffusion(t, y))), diffusion
+    # torchsde's SDEs may define f_and_g alone (one call for both, e.g. a shared trunk).
+    return both, (diffusion if diffusion is not None else (lambda t, y: both(t, y)[1]))
 
 
 def noise_channels(sde, t0, y0: torch.Tensor, *, names: dict | None = None) -> int:
@@ -170,14 +184,13 @@ def noise_channels(sde, t0, y0: torch.Tensor, *, names: dict | None = None) -> i
 
     One evaluation of each, without a graph (torchsde's own ``sdeint`` makes the same check)."""
     noise_type = _check_types(sde)
-    drift, diffusion = _sde_method(sde, "drift", names), _sde_method(sde, "diffusion", names)
+    both, _ = _drift_and_diffusion(sde, names)
     if not isinstance(y0, torch.Tensor) or y0.dim() != 2:
         got = tuple(y0.shape) if isinstance(y0, torch.Tensor) else type(y0).__name__
         raise ValueError(f"y0 must be a tensor of shape (batch, d), got {got}")
     batch, d = y0.shape
     with torch.no_grad():
-        f = drift(t0, y0)
-        g = diffusion(t0, y0)
+        f, g = both(t0, y0)
     if not isinstance(f, torch.Tensor) or tuple(f.shape) != (batch, d):
         raise ValueError(f"the drift f(t, y) must return shape (batch, d) = {(batch, d)}, got "
                          f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
@@ -251,8 +264,7 @@ class WongZakaiField(torch.nn.Module):
         else:
             object.__setattr__(self, "sde", sde)
         self.noise_type, self.sde_type, self.noise = noise_type, sde_type, noise
-        self._drift = _sde_method(sde, "drift", names)
-        self._diffusion = _sde_method(sde, "diffusion", names)
+        self._both, self._diffusion = _drift_and_diffusion(sde, names)
 
     def _ito_correction(self, t, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         if self.noise_type == "additive":
@@ -268,8 +280,7 @@ class WongZakaiField(torch.nn.Module):
         return total
 
     def forward(self, t, y: torch.Tensor) -> torch.Tensor:
-        drift = self._drift(t, y)
-        g = self._diffusion(t, y)
+        drift, g = self._both(t, y)
         # The path in the time dtype (never under autocast), then in g's dtype for the product.
         xi = self.noise.derivative(t, dtype=torch.promote_types(g.dtype, y.dtype))
         if self.noise_type == "diagonal":

@@ -299,3 +299,41 @@ def test_bad_input_is_named_and_changes_nothing(kwargs, error, match):
 def test_torchsde_only_keywords_at_non_defaults_are_refused():
     with pytest.raises(ValueError, match="dt_min=0.1 does not apply to the Wong--Zakai ODE"):
         torchsde.sdeint(GBM(), torch.ones(2, 1), torch.tensor([0.0, 1.0]), method="rampde_rk4", dt_min=0.1)
+
+
+def test_f_and_g_and_renamed_methods_give_the_same_solve():
+    # torchsde lets an SDE define f_and_g alone, or name its methods otherwise (names=...).
+    torch.manual_seed(3)
+    sde = NeuralSDE("general", "ito")
+
+    class Both(torch.nn.Module):
+        noise_type, sde_type = "general", "ito"
+
+        def __init__(self):
+            super().__init__()
+            self.inner = sde
+
+        def f_and_g(self, t, y):
+            return self.inner.f(t, y), self.inner.g(t, y)
+
+    class Renamed(torch.nn.Module):
+        noise_type, sde_type = "general", "ito"
+
+        def __init__(self):
+            super().__init__()
+            self.inner = sde
+
+        def drift(self, t, y):
+            return self.inner.f(t, y)
+
+        def diffusion(self, t, y):
+            return self.inner.g(t, y)
+
+    y0 = torch.randn(3, 2, dtype=torch.float64)
+    ts = torch.linspace(0, 1, 3, dtype=torch.float64)
+    ref = sdeint(sde, y0, ts, n_terms=5, generator=1)
+    torch.testing.assert_close(sdeint(Both(), y0, ts, n_terms=5, generator=1), ref, rtol=0, atol=0)
+    renamed = sdeint(Renamed(), y0, ts, n_terms=5, generator=1, names={"drift": "drift", "diffusion": "diffusion"})
+    torch.testing.assert_close(renamed, ref, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="no callable 'f'"):
+        sdeint(Renamed(), y0, ts, n_terms=5, generator=1)
