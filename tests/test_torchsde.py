@@ -275,6 +275,8 @@ def test_same_noise_object_gives_the_same_path():
     (dict(logqp=True), ValueError, "logqp=True is not supported"),
     (dict(adjoint="backsolve"), ValueError, "adjoint='backsolve'; choose one of discrete, quadrature"),
     (dict(adjoint_method="rampde_rk4"), ValueError, "adjoint_method apply to adjoint='quadrature'"),
+    (dict(adjoint="quadrature", adjoint_method="adjoint_reversible_heun"), ValueError,
+     "adjoint_method='adjoint_reversible_heun' is not a rampde method; .* leave adjoint_method out"),
     (dict(options={"step_size": 0.1}), ValueError, r"options \['step_size'\] are set by dt"),
     (dict(dt=-1.0), ValueError, "dt=-1.0 must be a positive finite number"),
     (dict(adaptive=True), ValueError, "adaptive=True needs a method with an error estimate"),

@@ -129,6 +129,15 @@ def sdeint(sde, y0, ts, bm=None, method: str = "rampde_rk4", dt=None, adaptive=N
         if given:
             raise ValueError(f"{owner}: {', '.join(given)} apply to adjoint='quadrature' (the discrete adjoint "
                              "replays the forward's own steps)")
+    elif adjoint_method is not None and adjoint_method != method:
+        try:
+            _method_name(adjoint_method, owner)
+        except ValueError:
+            raise ValueError(
+                f"{owner}: adjoint_method={adjoint_method!r} is not a rampde method; the backward of a rampde method is "
+                "rampde's quadrature adjoint, integrated by a rampde method -- leave adjoint_method out (it defaults to "
+                f"method) or name one of {', '.join(sorted('rampde_' + n for n in get_registry().tableaus))}"
+            ) from None
     if not isinstance(y0, torch.Tensor):
         raise TypeError(f"{owner}: y0 must be a torch.Tensor of shape (batch, d), got {type(y0).__name__}")
     ts = _times(ts, y0, owner)
