@@ -76,25 +76,24 @@ def moments(chunks):
             "var": float(var), "var_se": float(((c.pow(4).mean() - var ** 2) / n).sqrt()), "n": n}
 
 
-def ensemble(sde, k, paths, chunk, t_end, seed):
-    out = []
+def _in_chunks(sde, paths, chunk, solve):
+    """Moments of X_T over ``paths`` paths, solved ``chunk`` at a time by ``solve(i, y0)``."""
     with torch.no_grad():
-        for i, start in enumerate(range(0, paths, chunk)):
-            n = min(chunk, paths - start)
-            y0 = torch.full((n, 1), sde.x0)
-            out.append(sdeint(sde, y0, [0.0, t_end], n_terms=k, generator=seed + 1000 * i)[-1])
-    return moments(out)
+        return moments([solve(i, torch.full((min(chunk, paths - start), 1), sde.x0))
+                        for i, start in enumerate(range(0, paths, chunk))])
+
+
+def ensemble(sde, k, paths, chunk, t_end, seed):
+    return _in_chunks(sde, paths, chunk, lambda i, y0: sdeint(sde, y0, [0.0, t_end], n_terms=k,
+                                                                generator=seed + 1000 * i)[-1])
 
 
 def reference(sde, paths, chunk, t_end, dt, seed):
-    out = []
-    with torch.no_grad():
-        for i, start in enumerate(range(0, paths, chunk)):
-            n = min(chunk, paths - start)
-            y0 = torch.full((n, 1), sde.x0)
-            bm = torchsde.BrownianInterval(t0=0.0, t1=t_end, size=(n, 1), entropy=seed + i)
-            out.append(torchsde.sdeint(sde, y0, torch.tensor([0.0, t_end]), bm=bm, method="midpoint", dt=dt)[-1])
-    return moments(out)
+    def solve(i, y0):
+        bm = torchsde.BrownianInterval(t0=0.0, t1=t_end, size=tuple(y0.shape), entropy=seed + i)
+        return torchsde.sdeint(sde, y0, torch.tensor([0.0, t_end]), bm=bm, method="midpoint", dt=dt)[-1]
+
+    return _in_chunks(sde, paths, chunk, solve)
 
 
 def slope(ks, errs, ses):
