@@ -165,12 +165,6 @@ def test_adaptive_and_fixed_grid_options_are_not_mixed():
         odeint(lambda t, y: -y, y0, t, method="rampde_rk4", options={"max_step": 0.1})
 
 
-def test_event_fn_not_implemented_for_adaptive_rampde_methods():
-    with pytest.raises(NotImplementedError, match="does not support event_fn yet"):
-        odeint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), method="rampde_dopri5",
-               event_fn=lambda t, y: y[0] - 0.5)
-
-
 def test_rejected_steps_cost_no_memory():
     (ga, _), stats = _linear_adaptive(torch.float32, "fp32", tol=1e-7)
     assert stats.stored_bytes == stats.n_steps * 12 * 10 * 4  # one fp32 state per accepted step

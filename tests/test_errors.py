@@ -154,12 +154,6 @@ def test_rampde_as_adjoint_method_refused():
     assert all(p.grad is None for p in func.parameters())
 
 
-def test_event_fn_not_implemented_says_what_to_use():
-    with pytest.raises(NotImplementedError, match=r"does not support event_fn yet .* method='rk4'"):
-        odeint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), method="rampde_rk4",
-               event_fn=lambda t, y: y[0] - 0.5)
-
-
 def test_wrong_output_shape_of_the_field():
     with pytest.raises(ValueError, match=r"vector field returned shape \(2, 1\) for a state of shape \(2, 3\)"):
         _call(func=lambda t, y: y[:, :1])

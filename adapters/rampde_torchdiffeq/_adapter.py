@@ -210,6 +210,11 @@ class TorchdiffeqAdapter(HostAdapter):
                 if adapter._inside_adjoint_backward():
                     raise ValueError(_ADJOINT_METHOD_MESSAGE.format(method=method))
                 validate_call(method, bound.get("y0"), bound.get("t"), bound.get("options"))
+                event_fn = bound.get("event_fn")
+                if event_fn is not None and not callable(event_fn):
+                    # torchdiffeq would fail inside its own event plumbing with a message that does not name it
+                    raise TypeError(f"odeint(method={method!r}): event_fn must be callable (t, y) -> tensor, got "
+                                    f"{type(event_fn).__name__}")
             return original(*args, **kwargs)
 
         self._patch_attr(module, attr, _check_inputs)

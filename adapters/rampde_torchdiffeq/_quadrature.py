@@ -92,13 +92,11 @@ def quadrature_adjoint(adapter, func, y0, t, rtol, atol, method, options, event_
     from torchdiffeq._impl.odeint import SOLVERS, odeint
 
     owner = f"odeint_adjoint(method={method!r})"
-    if event_fn is not None:
-        raise NotImplementedError(
-            f"{owner} does not support event_fn yet (terminal events on the rampde engine are not implemented); "
-            "use torchdiffeq's own method for event handling"
-        )
     if not (isinstance(adjoint_method, str) and adapter.owns(adjoint_method)):
         raise ValueError(_NOT_RAMPDE.format(method=method, adjoint=adjoint_method))
+    if event_fn is not None:
+        return _event_adjoint(adapter, func, y0, t, rtol, atol, method, options, event_fn, adjoint_rtol, adjoint_atol,
+                              adjoint_method, adjoint_options, adjoint_params)
     adjoint_options = dict(adjoint_options)
     quad = quadrature_options({k: adjoint_options.pop(k) for k in QUADRATURE_OPTIONS if k in adjoint_options},
                               owner=f"{owner}: adjoint_options")
@@ -153,6 +151,45 @@ def quadrature_adjoint(adapter, func, y0, t, rtol, atol, method, options, event_
         scaler=solver.options["scaler"], unused_zero=True, method=method, host=host,
     )
     return solve_quadrature(qp, y0, t, owner=owner, instead=f"torchdiffeq.odeint(..., method={method!r})")
+
+
+def _event_adjoint(adapter, func, y0, t, rtol, atol, method, options, event_fn, adjoint_rtol, adjoint_atol,
+                   adjoint_method, adjoint_options, adjoint_params):
+    """``odeint_adjoint(..., event_fn=...)`` with a rampde method: ``(event_t, [y0, y(event_t)])``.
+
+    The event is found by the forward method's own event search (``_events``: no graph); then the
+    quadrature adjoint runs over ``[t0, event_t]`` as over any output interval.  Its forward is a fresh
+    solve to ``event_t``: an adaptive explicit method takes the search's steps again (torchdiffeq's
+    controller does not look at the end time) and reads ``y(event_t)`` off the same dense output; a
+    fixed grid ends with a short step onto ``event_t``; an implicit adaptive method lands on it.  As in
+    torchdiffeq's adjoint, ``event_t`` is returned as part of the graph but nothing is differentiated
+    through it here: its gradient is ``odeint_event``'s implicit-function term."""
+    from torchdiffeq._impl.odeint import SOLVERS
+
+    search = SOLVERS[method](func=func, y0=y0, rtol=rtol, atol=atol, **options)
+    with torch.no_grad():
+        event_t, found = search.integrate_until_event(t[0].detach(), event_fn)
+    event_t = event_t.to(t.dtype)
+    if not bool(event_t > t[0].detach()):  # the event function is zero at the start: y0 is the answer
+        sol = torch.stack([y0, y0]).to(found.dtype)
+        return _EventTime.apply(event_t, sol) if sol.requires_grad else event_t, sol
+    times = torch.cat([t[:1], event_t.reshape(1)])
+    sol = quadrature_adjoint(adapter, func, y0, times, rtol, atol, method, options, None, adjoint_rtol, adjoint_atol,
+                             adjoint_method, adjoint_options, adjoint_params)
+    return (_EventTime.apply(event_t, sol) if sol.requires_grad else event_t), sol
+
+
+class _EventTime(torch.autograd.Function):
+    """``event_t`` as an output of the adjoint's graph (``event_t.backward()`` runs, as with
+    torchdiffeq's own adjoint Function) that contributes no gradient: see :func:`_event_adjoint`."""
+
+    @staticmethod
+    def forward(ctx, event_t, sol):
+        return event_t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
 
 
 def _same(a, b) -> bool:

@@ -20,6 +20,7 @@ from rampde_plugins import (
 )
 
 from ._adaptive import ADAPTIVE_OPTIONS, TorchdiffeqController, check_tolerance, make_interp
+from ._events import integrate_until_event
 
 #: Options a rampde method accepts in ``odeint(..., options=...)`` on a fixed grid (and, for the
 #: last three, always).  Methods with an embedded error estimate run adaptively unless `step_size` or
@@ -142,6 +143,8 @@ class RampdeFixedGridSolver:
         self.last_grid = None
         # Set by the quadrature adjoint: the accepted step size at each output (output_steps, adaptive).
         self.track_output_steps, self.output_steps = False, None
+        # After an event solve: {"steps", "rejected", "search_nfe"} of its search (integrate_until_event).
+        self.last_event = None
         self.dtype = y0.dtype
         self.device = y0.device
 
@@ -189,47 +192,64 @@ class RampdeFixedGridSolver:
         field_time = torch.promote_types(self.y0.abs().dtype, policy.state_dtype)
         return inner if field_time == time_dtype else _TimeCast(inner, field_time)
 
+    def _policy(self) -> PrecisionPolicy:
+        return resolve_policy(self.options["precision"], device_type=self.y0.device.type, state_dtype=self.y0.dtype)
+
+    def _params_buffers(self):
+        """The differentiated tensors and the buffers the field may write (BatchNorm's statistics:
+        replayed and left as the forward wrote them)."""
+        params = self.options["adjoint_params"]
+        if params is None:
+            params = tuple(p for p in self.func.parameters()) if isinstance(self.func, torch.nn.Module) else ()
+        buffers = tuple(self.func.buffers()) if isinstance(self.func, torch.nn.Module) else ()
+        return params, buffers
+
+    def _engine_kwargs(self, policy, params, buffers) -> dict:
+        """What every engine solve of this solver passes besides the field, the times and the method."""
+        opts = self.options
+        return dict(
+            policy=policy, params=params, buffers=buffers, scaler=opts["scaler"], method=self.method,
+            param_hint="pass them explicitly: options={'adjoint_params': (A, b)}",
+            checkpoint=opts["checkpoint"], newton=opts["newton"],
+            field_time_dtype=torch.promote_types(self.y0.abs().dtype, policy.state_dtype),
+        )
+
+    def _controller(self, land_at) -> TorchdiffeqController:
+        """torchdiffeq's step-size control for this solve (``land_at``: times the steps land on)."""
+        check_tolerance(self._policy(), self.rtol, f"odeint(method={self.method!r})")
+        return TorchdiffeqController(
+            self.func, self.y0, self.tableau.order, self.rtol, self.atol, self.norm,
+            method=self.method, **self.options["adaptive"], land_at=land_at,
+        )
+
     def integrate(self, t: torch.Tensor) -> torch.Tensor:
         opts = self.options
-        policy = resolve_policy(opts["precision"], device_type=self.y0.device.type, state_dtype=self.y0.dtype)
+        policy = self._policy()
         if t.shape[0] == 1:  # a copy, as torchdiffeq's own solvers return (never y0's storage)
             return self.y0.to(policy.output, copy=True).unsqueeze(0)
         engine_time = torch.float64 if self.adaptive else torch.promote_types(t.dtype, policy.state_dtype)
         inner = self.field(policy, engine_time)
-        field_time = torch.promote_types(self.y0.abs().dtype, policy.state_dtype)
-        params = opts["adjoint_params"]
-        if params is None:
-            params = tuple(p for p in self.func.parameters()) if isinstance(self.func, torch.nn.Module) else ()
-        # Buffers the field may write (BatchNorm's statistics): replayed and left as the forward wrote them.
-        buffers = tuple(self.func.buffers()) if isinstance(self.func, torch.nn.Module) else ()
+        params, buffers = self._params_buffers()
+        kw = self._engine_kwargs(policy, params, buffers)
         callback = getattr(self.func, "callback_step", None)
         if callback is not None and _is_null_callback(callback):
             callback = None
         if self.adaptive:
-            check_tolerance(policy, self.rtol, f"odeint(method={self.method!r})")
-            controller = TorchdiffeqController(
-                self.func, self.y0, self.tableau.order, self.rtol, self.atol, self.norm,
-                method=self.method, **opts["adaptive"],
-                # An implicit method's steps land on the outputs (as on step_t) instead of stepping
-                # past them and interpolating: its dense output runs through stage states (or stage
-                # slopes, which a stiff component amplifies) accurate only to the stage order, 2 --
-                # kvaerno5 at rtol 1e-6 was 68x the tolerance at HIRES's final time and 213x at an
-                # interpolated t = 40 on Robertson, against 2.9x and <10x when its steps land there.
-                land_at=t[1:] if self.tableau.implicit else None,
-            )
+            # An implicit method's steps land on the outputs (as on step_t) instead of stepping
+            # past them and interpolating: its dense output runs through stage states (or stage
+            # slopes, which a stiff component amplifies) accurate only to the stage order, 2 --
+            # kvaerno5 at rtol 1e-6 was 68x the tolerance at HIRES's final time and 213x at an
+            # interpolated t = 40 on Robertson, against 2.9x and <10x when its steps land there.
+            controller = self._controller(land_at=t[1:] if self.tableau.implicit else None)
             if self.track_output_steps:
                 controller.track(t[1:])
                 self.output_steps = controller.output_steps
             return solve_adaptive(
-                inner, self.y0, t, tableau=self.tableau, policy=policy, controller=controller,
-                interp=make_interp(self.tableau_name, self.tableau), params=params, buffers=buffers, scaler=opts["scaler"],
+                inner, self.y0, t, tableau=self.tableau, controller=controller,
+                interp=make_interp(self.tableau_name, self.tableau),
                 callback_step_adjoint=getattr(self.func, "callback_step_adjoint", None),
                 callback_accept_step_adjoint=getattr(self.func, "callback_accept_step_adjoint", None),
-                method=self.method,
-                param_hint="pass them explicitly: options={'adjoint_params': (A, b)}",
-                checkpoint=opts["checkpoint"],
-                newton=opts["newton"],
-                field_time_dtype=field_time,
+                **kw,
             )
         self.last_grid = grid = self._grid(t)  # the quadrature adjoint's backward reverses it
         return solve_grid(
@@ -238,28 +258,18 @@ class RampdeFixedGridSolver:
             grid,
             t,
             tableau=self.tableau,
-            policy=policy,
-            params=params,
-            buffers=buffers,
             interp=opts["interp"],
             perturb=opts["perturb"],
-            scaler=opts["scaler"],
             callback_step=callback,
             callback_step_adjoint=getattr(self.func, "callback_step_adjoint", None),
-            method=self.method,
-            param_hint="pass them explicitly: options={'adjoint_params': (A, b)}",
-            checkpoint=opts["checkpoint"],
-            newton=opts["newton"],
-            field_time_dtype=field_time,
+            **kw,
         )
 
     def integrate_until_event(self, t0, event_fn):
-        raise NotImplementedError(
-            f"{self.method} does not support event_fn yet (terminal events with a gradient of the event time are "
-            "not implemented on the rampde engine); "
-            "use torchdiffeq's own fixed-grid method (e.g. method='rk4' with options={'step_size': h}) "
-            "for event handling"
-        )
+        """torchdiffeq's event mode: ``(event_t, [y0, y(event_t)])``, the solve ending where the event
+        function changes sign (see :mod:`rampde_torchdiffeq._events` for the search, the root finding and
+        the gradient).  ``self.last_event`` then holds the search's steps, rejections and evaluations."""
+        return integrate_until_event(self, t0, event_fn)
 
 
 class _TimeCast:

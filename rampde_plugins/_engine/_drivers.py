@@ -127,11 +127,16 @@ class StepController:
       after an accepted step ``at_jump`` says whether it ended on a discontinuity of ``f``;
     * ``reuse_last_stage`` -- start the next step from the last stage even when it is not
       ``f(t1, y1)`` (torchdiffeq does this for every pair); the driver then carries that value
-      through the adjoint so the gradient stays exact.
+      through the adjoint so the gradient stays exact;
+    * ``accepted`` -- ``None``, or ``accepted(step)`` called with the :class:`StepData` of each accepted
+      step (after its outputs are written).  It may raise to end the solve there: the event search of
+      the torchdiffeq adapter stops at the step whose end changes the event function's sign and reads
+      the step's dense output from ``step``.
     """
 
     at_jump: bool = False
     reuse_last_stage: bool = False
+    accepted = None
 
     def start(self, f, t0, y0, f0):  # pragma: no cover - interface
         raise NotImplementedError
@@ -184,6 +189,7 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
     taping = keeper is not None and keeper.tape_now(0)
     needs = TimeNeeds(prob.need_grid, prob.need_tout)
     taped = 0
+    watch_steps = getattr(controller, "accepted", None)
 
     def f_counted(tt, yy):
         nonlocal nfe
@@ -282,6 +288,8 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
                 keeper.put_tape(n, tape)
                 tape = None
                 taped += 1
+            if watch_steps is not None:
+                watch_steps(StepData(prob, t, t1, h, y, y1, ks))
             n += 1
             y, t = y1, t1
             first_next = bool(controller.at_jump)
