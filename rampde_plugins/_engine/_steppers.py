@@ -14,18 +14,23 @@ import math
 import torch
 
 
-def _lincomb(ks: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor | None:
-    """sum_j coeffs[j] * ks[j], skipping zero weights (None if all are zero).
+def _lincomb(ks: Sequence[torch.Tensor], coeffs: Sequence[float], scale: float = 1.0,
+             dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """scale * sum_j coeffs[j] * ks[j] in ``dtype`` (default: the stages'), skipping zero weights.
 
-    Never writes into a stage value; accumulates in place only into its own fresh tensor and only
-    without a graph.
+    None if all weights are zero.  Never writes into a stage value; accumulates in place only into
+    its own fresh tensor and only without a graph.
     """
     acc, fresh = None, False
     for k, w in zip(ks, coeffs):
         if w == 0.0:
             continue
+        w = scale * w
         if acc is None:
-            acc, fresh = (k, False) if w == 1.0 else (k * w, True)
+            if w == 1.0 and (dtype is None or k.dtype == dtype):
+                acc, fresh = k, False
+            else:
+                acc, fresh = (k if dtype is None else k.to(dtype)) * w, True
         elif fresh and not torch.is_grad_enabled():
             acc.add_(k, alpha=w)
         else:
@@ -34,18 +39,17 @@ def _lincomb(ks: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tenso
 
 
 def _axpy(y: torch.Tensor, h, ks: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
-    """y + h * sum_j coeffs[j] * ks[j], formed in y's dtype."""
+    """y + h * sum_j coeffs[j] * ks[j]: the increment summed in y's dtype, then added to y once.
+
+    Once, not stage by stage: every addition into y rounds to y's precision, and with an fp32 state
+    the increments of a small step are a tiny fraction of |y| -- four roundings per rk4 step drifted
+    30x further than one (rampde_rk4 on a field with f ~ 0.2, y ~ 4, 700 steps: 2e-5 relative against
+    torchdiffeq's 3e-8).  The sum itself is formed in y's dtype (fp32 under a bf16/fp16 policy), never in
+    the stages' low precision."""
     if isinstance(h, float):
-        out, fresh = y, False
-        for k, w in zip(ks, coeffs):
-            if w == 0.0:
-                continue
-            if fresh and not torch.is_grad_enabled():
-                out.add_(k, alpha=h * w)
-            else:
-                out, fresh = torch.add(out, k, alpha=h * w), True
-        return out
-    comb = _lincomb(ks, coeffs)
+        inc = _lincomb(ks, coeffs, scale=h, dtype=y.dtype)
+        return y if inc is None else y + inc
+    comb = _lincomb(ks, coeffs, dtype=y.dtype)
     return y if comb is None else torch.addcmul(y, h, comb)
 
 
