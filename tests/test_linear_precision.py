@@ -15,7 +15,8 @@ bf16 3.9e-3), and no solver does better than ``~u * T * |A| ~ u`` here.  The bou
 5e-3 (bf16), are about ``2u`` and ``1.3u``.  What fails without fp32 accumulation is the sum over
 4096 steps (torchdiffeq under autocast reaches O(1) errors on ``dL/dA``, see test_mixed_precision).
 Every schedule must meet the same bounds: they differ in what is kept, not in the arithmetic --
-``"graphs"`` included, whose graphs are built without autocast's weight-cast cache.
+``"graphs"`` included, whose explicit steps share one weight cast per step (a cache cleared at each step's
+start and end): a step's stage gradients meet in the compute dtype, the sum over steps stays in fp32.
 """
 
 import importlib

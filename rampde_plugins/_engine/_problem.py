@@ -94,9 +94,11 @@ class _Problem:
         return torch.autocast(self.device_type, dtype=cd)
 
     def graph_autocast(self):
-        """Autocast for building a graph: without autocast's weight-cast cache, so that each use of
-        a weight has its own cast and its gradient reaches the fp32 weight before it is summed with
-        the other stages' and steps' (a cached cast would sum them in bf16/fp16 first)."""
+        """Autocast for building a graph: without autocast's weight-cast cache, so that a cast never
+        outlives a step and the gradients of different steps meet at the fp32 weight, not in
+        bf16/fp16 (a solve-long cached cast is what makes plain autocast's parameter gradient O(1)
+        wrong).  Explicit steps open a nested region whose cache lives for one step
+        (``_tape._step_with_cast_cache``): its stages share one cast per weight."""
         cd = self.policy.compute_dtype
         if cd is None:
             return torch.autocast(self.device_type, enabled=False)

@@ -93,8 +93,11 @@ class SegmentsSchedule(CheckpointSchedule):
 class GraphsSchedule(CheckpointSchedule):
     """Every step's low-precision graph kept from the forward: no recomputation (the cost of direct
     backprop).  The VJP is still taken one step at a time, so the adjoint and the parameter gradients
-    are summed over steps in fp32 (autocast's weight-cast cache is off while a graph is built, so no
-    bf16/fp16 sum spans steps or stages).  Memory: N steps' graphs.  With adaptive steps every trial
+    are summed over steps in fp32: autocast's weight-cast cache lives for one step only (see
+    ``_tape._step_with_cast_cache``), so no bf16/fp16 sum spans steps -- only the ``s`` stages of one
+    step share a weight cast, as with every other schedule.  The hidden-tensor walk of a kept graph
+    runs in the backward, right before its VJP, as for a recomputed step (the first step's in the
+    forward: see ``_tape.check_tape``).  Memory: N steps' graphs.  With adaptive steps every trial
     is built with a graph and a rejected trial's graph is dropped at once (shared time only: the
     per-sample driver, torchode's adaptive steps, does not tape its trials yet)."""
 
