@@ -21,6 +21,8 @@ from torchdiffeq import odeint, odeint_adjoint, odeint_event
 import rampde_plugins  # noqa: F401  (installs the rampde methods)
 from rampde_plugins import collect_stats
 
+from .host_helpers import needs_torchdiffeq_callbacks
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bouncing_ball import Ball, bounce, finite_differences, gradients  # noqa: E402
@@ -269,6 +271,7 @@ def test_odeint_adjoint_events_match_odeint():
 
 # -- steps near the event --------------------------------------------------------------------------
 
+@needs_torchdiffeq_callbacks  # the ball counts accepted/rejected steps through torchdiffeq's callbacks
 def test_no_step_past_the_event_beyond_torchdiffeqs():
     """The search stops at the step torchdiffeq's dopri5 stops at: in fp64 the same accepted and rejected
     steps and the same evaluations per bounce (the ball's callbacks and counter).  With a gradient the
