@@ -7,6 +7,7 @@ stepper needs nothing else; an implicit one will bring its own transposed solves
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import math
@@ -38,6 +39,17 @@ def _lincomb(ks: Sequence[torch.Tensor], coeffs: Sequence[float], scale: float =
     return acc
 
 
+@functools.lru_cache(maxsize=512)
+def _relative_weights(coeffs: tuple, n: int) -> tuple[tuple[int, ...], float, tuple[float, ...]]:
+    """For a tableau row over ``n`` stages: the stages with a non-zero weight, the first such weight
+    and every weight relative to it -- derived once per row, not at every step."""
+    idx = tuple(j for j, w in enumerate(coeffs[:n]) if w != 0.0)
+    if not idx:
+        return (), 0.0, ()
+    w0 = coeffs[idx[0]]
+    return idx, w0, tuple(coeffs[j] / w0 for j in idx)
+
+
 def _axpy(y: torch.Tensor, h, ks: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
     """y + h * sum_j coeffs[j] * ks[j]: the increment summed in y's dtype, then added to y once.
 
@@ -47,17 +59,15 @@ def _axpy(y: torch.Tensor, h, ks: Sequence[torch.Tensor], coeffs: Sequence[float
     1.4e-6).  The sum itself is formed in y's dtype (fp32 under a bf16/fp16 policy), never in the
     stages' low precision.  Op count as before (the tiny field of problem (b) is per-op overhead): the
     sum is taken relative to its first weight, which the final addition applies."""
-    terms = [(k, w) for k, w in zip(ks, coeffs) if w != 0.0]
-    if not terms:
-        return y
     if isinstance(h, float):
-        k0, w0 = terms[0]
-        if len(terms) == 1:
-            return torch.add(y, k0, alpha=h * w0)
-        inc = _lincomb([k for k, _ in terms], [w / w0 for _, w in terms], dtype=y.dtype)
-        return torch.add(y, inc, alpha=h * w0)
+        idx, w0, rel = _relative_weights(coeffs if isinstance(coeffs, tuple) else tuple(coeffs), len(ks))
+        if not idx:
+            return y
+        if len(idx) == 1:
+            return torch.add(y, ks[idx[0]], alpha=h * w0)
+        return torch.add(y, _lincomb([ks[j] for j in idx], rel, dtype=y.dtype), alpha=h * w0)
     comb = _lincomb(ks, coeffs, dtype=y.dtype)
-    return torch.addcmul(y, h, comb)
+    return y if comb is None else torch.addcmul(y, h, comb)
 
 
 class StepData:
