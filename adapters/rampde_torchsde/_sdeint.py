@@ -152,9 +152,8 @@ def sdeint(sde, y0, ts, bm=None, method: str = "rampde_rk4", dt=None, adaptive=N
     batch = y0.shape[0]
     t0, t1 = float(ts[0]), float(ts[-1])
     if noise is None:
-        if ts.shape[0] == 1:
-            return y0.unsqueeze(0).clone()
-        noise = KarhunenLoeveNoise(t0, t1, n_terms, (batch, m), generator=generator, device=y0.device)
+        if ts.shape[0] > 1:  # a single output time needs no path (and draws none)
+            noise = KarhunenLoeveNoise(t0, t1, n_terms, (batch, m), generator=generator, device=y0.device)
     else:
         if not isinstance(noise, KarhunenLoeveNoise):
             raise TypeError(f"{owner}: noise must be a rampde_plugins.KarhunenLoeveNoise, got {type(noise).__name__}")
@@ -163,8 +162,8 @@ def sdeint(sde, y0, ts, bm=None, method: str = "rampde_rk4", dt=None, adaptive=N
         if noise.t0 > t0 or noise.t1 < t1:
             raise ValueError(f"{owner}: noise lives on [{noise.t0}, {noise.t1}], which does not contain ts's "
                              f"[{t0}, {t1}]")
-        if ts.shape[0] == 1:
-            return y0.unsqueeze(0).clone()
+    if ts.shape[0] == 1:
+        return y0.unsqueeze(0).clone()
     field = WongZakaiField(sde, noise, names=names)
 
     tableau = get_registry().tableau(method[len("rampde_"):])
