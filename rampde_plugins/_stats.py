@@ -44,6 +44,8 @@ class SolveStats:
     forward_runs: int = 0
     #: the checkpoint schedule that ran: "steps", "graphs", "segments" or "binomial"
     schedule: str = "steps"
+    #: segments schedule: the steps rebuilt per VJP (its k); 0 for the other schedules
+    segment_steps: int = 0
     #: states the schedule kept for the backward (peak; binomial: at most its c)
     checkpoints: int = 0
     #: steps whose graph was built (in the forward for "graphs" and revolve's last step, else in the backward)

@@ -2,9 +2,9 @@
 
 What is checked, and against what:
 * the chosen schedule's peak, measured independently of rampde's own accounting by the saved-tensor
-  meter (unique memory, parameters excluded; binomial checkpoints are not saved tensors, so their
-  count times a state's bytes is added) stays within the budget, for budgets from "all graphs fit"
-  down to "two checkpoints";
+  meter (unique memory, parameters excluded; binomial checkpoints and the states of segments are not
+  saved tensors, so their count times a state's bytes is added) stays within the budget, for budgets
+  from "all graphs fit" through segments of 16 .. 2 steps and "steps" down to "two checkpoints";
 * the work (field evaluations, forward + backward) never grows as the budget grows -- the
   deterministic side of "time decreases with the budget" (the timings are in the benchmark);
 * every budget gives the gradient of the unbudgeted solve (fp64, 1e-12) and of torchdiffeq's own
@@ -62,13 +62,21 @@ def _ladder(field, options=None, state=None):
     g, state = rec.step_graph_bytes, state or _y0().numel() * 8
     times = (N + 1) * 8 + 2 * 8  # the grid and the output times, kept by every schedule
     assert rec.schedule == "graphs" and g > 0
-    return [times + b for b in (N * g, N * g - 1, 20 * state + g, 12 * state + g, 5 * state + g, 2 * state + g)]
+    # a step's graph holds the hidden activations: far more than the 20 states that segments(2) saves
+    # over "steps", so there is a band where "steps" fits and segments(2) does not
+    assert g > N // 2 * state
+    return [times + b for b in (N * g, N * g - 1, 16 * g + 3 * state, 8 * g + 5 * state, 4 * g + 10 * state,
+                                2 * g + 20 * state, N * state + g, 20 * state + g, 12 * state + g, 5 * state + g,
+                                2 * state + g)]
 
 
-def _check_peak(rec, meter, budget, state_bytes):
+def _check_peak(rec, meter, budget, state_bytes, stored_bytes=None):
     assert rec.memory_budget == budget and rec.backward_done
     assert rec.predicted_bytes <= budget and rec.peak_bytes <= budget
-    held = meter.peak + (rec.checkpoints * state_bytes if rec.schedule == "binomial" else 0)
+    # binomial checkpoints (state dtype) and the every-k-th states of segments (storage dtype) are
+    # kept outside autograd, so the meter does not see them: they are added
+    outside = {"binomial": state_bytes, "segments": stored_bytes or state_bytes}.get(rec.schedule, 0)
+    held = meter.peak + rec.checkpoints * outside
     # the meter also sees a few 0-d tensors (step sizes, weights) that rampde does not count
     assert held <= budget + 256, (budget, rec.schedule, meter.peak, rec.peak_bytes)
     # rampde's own measurement agrees with the meter's (the same tensors, counted independently)
@@ -85,17 +93,23 @@ def test_budget_ladder_peak_within_budget_work_monotone_gradients_identical():
         got, rec, meter = _solve(field, {"step_size": 1.0 / N, "memory_budget": budget}, meter=True)
         assert rel(got, ref) <= 1e-12, (budget, rec.schedule)
         _check_peak(rec, meter, budget, _y0().numel() * 8)
-        chosen.append((rec.schedule, rec.checkpoints))
-        work.append(rec.forward_nfe + rec.backward_nfe)
+        chosen.append((rec.schedule, rec.segment_steps or rec.checkpoints))
+        work.append((rec.forward_nfe + rec.backward_nfe, -(rec.segment_steps or 1)))
         # the record's work is revolve's closed form (the oracle of test_schedules): t(N, c) advances
         # plus N taped steps, 4 evaluations a step, and 4 more for the measuring step
-        steps_run = {"graphs": N, "steps": 2 * N}.get(rec.schedule) or binomial_advances(N, rec.checkpoints) + N
+        steps_run = ({"graphs": N, "steps": 2 * N, "segments": 2 * N}.get(rec.schedule)
+                     or binomial_advances(N, rec.checkpoints) + N)
         assert rec.forward_nfe + rec.backward_nfe == 4 * steps_run + 4
-    # below "graphs": "steps" while its states fit, then binomial with ever fewer checkpoints
-    assert chosen == [("graphs", 0), ("steps", N), ("binomial", 20), ("binomial", 12), ("binomial", 5),
+        if rec.schedule == "segments":  # ceil(N / k) stored states, one VJP per k steps
+            assert rec.checkpoints == -(-N // rec.segment_steps) and rec.backward_steps == N
+    # below "graphs": segments of 16, 8, 4, 2 steps while they fit (the same steps as "steps", fewer
+    # and larger VJPs), "steps" while its states fit, then binomial with ever fewer checkpoints
+    assert chosen == [("graphs", 0), ("segments", 16), ("segments", 16), ("segments", 8), ("segments", 4),
+                      ("segments", 2), ("steps", N), ("binomial", 20), ("binomial", 12), ("binomial", 5),
                       ("binomial", 2)]
-    # less memory, never less work
-    assert work == sorted(work) and work[0] < work[1] < work[2]
+    # less memory, never less work: field evaluations never fall, and at equal evaluations the
+    # backward never takes fewer steps per VJP
+    assert work == sorted(work) and work[0] < work[1] and work[6] < work[7]
 
 
 def test_bf16_budget_chooses_steps_when_only_narrow_states_fit():
@@ -165,12 +179,16 @@ def test_torchode_budget_fixed_and_adaptive():
     ref, _ = grads(**fixed)
     got, rec = grads(**fixed, memory_budget="1GB")
     assert rel(got, ref) <= 1e-12 and rec.schedule == "graphs" and rec.peak_bytes <= rec.predicted_bytes
-    budget = rec.predicted_bytes // 4  # a quarter of all graphs: the states fit
-    got, rec = grads(**fixed, memory_budget=budget)
-    assert rel(got, ref) <= 1e-12 and rec.schedule == "steps" and rec.peak_bytes <= budget
-    budget = rec.predicted_bytes - 1  # one byte short of the states: binomial
-    got, rec = grads(**fixed, memory_budget=budget)
-    assert rel(got, ref) <= 1e-12 and rec.schedule == "binomial" and rec.peak_bytes <= budget
+    # one byte short of each choice's predicted peak, again and again: ever smaller segments, then
+    # "steps", then binomial -- every one within its budget and with the same gradient
+    chosen = []
+    while rec.schedule != "binomial":
+        budget = rec.predicted_bytes - 1
+        got, rec = grads(**fixed, memory_budget=budget)
+        assert rel(got, ref) <= 1e-12 and rec.peak_bytes <= rec.predicted_bytes <= budget, rec
+        chosen.append((rec.schedule, rec.segment_steps))
+    assert chosen == [("segments", 16), ("segments", 8), ("segments", 4), ("segments", 2), ("steps", 0),
+                      ("binomial", 0)]
     adaptive = {"method": "rampde_dopri5"}
     ref, base = grads(**adaptive)
     got, rec = grads(**adaptive, memory_budget="1GB")

@@ -10,6 +10,8 @@ With ``N`` steps known (fixed grids) the predicted peaks are
 schedule               predicted peak             steps run (forward and backward)
 =====================  =========================  ============================================
 ``graphs``             ``N G``                    ``N``: chosen whenever it fits
+``SegmentsSchedule``   ``ceil(N/k) S + k G``      ``2 N``, one VJP per ``k`` steps: the largest
+                                                  ``k`` of 16, 8, 4, 2 (below ``N``) that fits
 ``steps``              ``N S + G``                ``2 N``
 ``BinomialSchedule``   ``c S* + G``               ``t(N, c) + N`` (revolve), ``c`` the most that fit
 =====================  =========================  ============================================
@@ -32,8 +34,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._schedules import (BinomialSchedule, CheckpointSchedule, GraphsSchedule, Keeper, StepsSchedule, _BinomialKeeper,
-                         _StatesKeeper)
+from ._schedules import (BinomialSchedule, CheckpointSchedule, GraphsSchedule, Keeper, SegmentsSchedule, StepsSchedule,
+                         _BinomialKeeper, _StatesKeeper)
 from ._schedules import checkpoint_schedule as _named_schedule
 from ._outputs import BatchedOutputs
 from ._tape import Frame, build_tape
@@ -90,8 +92,8 @@ def _fmt(n: float) -> str:
 
 
 class MemoryBudget(CheckpointSchedule):
-    """The first of ``graphs``, ``steps`` and binomial with the most checkpoints whose predicted peak
-    memory fits ``budget`` bytes (or a size string); see the module docstring for how the
+    """The first of ``graphs``, segments (16, 8, 4 or 2 steps per VJP), ``steps`` and binomial with the
+    most checkpoints whose predicted peak memory fits ``budget`` bytes (or a size string); see the module docstring for how the
     prediction is made.  Decided per solve."""
 
     name = "budget"
@@ -134,6 +136,16 @@ class MemoryBudget(CheckpointSchedule):
         grid = n_steps * times[1] + times[0]
         if graphs + grid <= budget:
             return GraphsSchedule(), graphs + grid
+        # Then segments of k steps, the largest k that fits: the same steps as "steps" with one VJP
+        # per k steps instead of one per step -- what a small field's backward pays for most
+        # (benchmarks/results/schedules-cpu.md: problem (b) 1.08x torchdiffeq with k = 16, 1.39x with
+        # "steps"; k = 64 is no faster than 16, so 16 is the largest tried).
+        for k in SEGMENT_SIZES:
+            if k >= n_steps:
+                continue
+            peak = -(-n_steps // k) * stored + _segment_graph(m, counts, k) + fixed
+            if peak <= budget:
+                return SegmentsSchedule(k), peak
         # Then "steps" while its states fit.  (Binomial with c >= N - 1 would run one step fewer, but
         # measured it is not faster -- benchmarks/results/schedules-cpu.md -- and "steps" allows
         # repeated backward passes.)  Below that, binomial with the most checkpoints that fit.
@@ -141,6 +153,17 @@ class MemoryBudget(CheckpointSchedule):
             return StepsSchedule(), n_steps * stored + graph + fixed
         c = int(min(c_most, n_steps))
         return BinomialSchedule(c), c * state + graph + fixed
+
+
+#: segment lengths a budget tries, fastest first
+SEGMENT_SIZES = (16, 8, 4, 2)
+
+
+def _segment_graph(m: "StepMeasure", counts, k: int) -> int:
+    """The graph of k consecutive steps (one VJP's): k step graphs and, as an upper bound, the output
+    evaluations of the k steps with the most of them."""
+    most = sorted(counts or [], reverse=True)[:k]
+    return k * m.graph + m.output * sum(most)
 
 
 class _AdaptiveBudget(CheckpointSchedule):
@@ -383,4 +406,5 @@ def resolve_budget(prob, y0: torch.Tensor, grid2: torch.Tensor, n_steps: int | N
     prob.time_bytes = times
     rec = prob.record
     rec.schedule, rec.memory_budget, rec.step_graph_bytes = schedule.name, budget.budget, m.graph
+    rec.segment_steps = schedule.segment_steps
     rec.predicted_bytes = predicted or 0

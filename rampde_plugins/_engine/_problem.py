@@ -86,6 +86,7 @@ class _Problem:
     def __post_init__(self):
         if self.schedule is not None:
             self.record.schedule = self.schedule.name
+            self.record.segment_steps = self.schedule.segment_steps
 
     def autocast(self):
         cd = self.policy.compute_dtype

@@ -46,6 +46,8 @@ class CheckpointSchedule:
     adaptive steps, whose number is known only after the forward)."""
 
     name = "schedule"
+    #: steps rebuilt per VJP in the backward when that is more than one (SolveStats.segment_steps)
+    segment_steps = 0
     #: works with adaptive steps (whose number is known only after the forward)
     adaptive_ok = True
     #: works with per-sample adaptive steps (torchode's layout)
@@ -82,6 +84,10 @@ class SegmentsSchedule(CheckpointSchedule):
 
     def __init__(self, k: int):
         self.k = _positive_int("SegmentsSchedule(k)", "k", k)
+
+    @property
+    def segment_steps(self) -> int:
+        return self.k
 
     def keeper(self, n_steps, storage):
         return _StatesKeeper(self, n_steps, storage, every=self.k)
