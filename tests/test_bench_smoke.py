@@ -74,7 +74,7 @@ def test_bench_smoke(tmp_path):
 
 def test_schedules_study_smoke(tmp_path):
     """The schedules study (issue 11's memory/time trade-off) runs end to end at tiny sizes."""
-    from bench import BUDGET_CONFIGS, SCHEDULE_CONFIGS, SCHEDULE_PROBLEMS, SEGMENT_CONFIGS
+    from bench import BUDGET_CONFIGS, INTERLEAVED_CONFIGS, SCHEDULE_CONFIGS, SCHEDULE_PROBLEMS, SEGMENT_CONFIGS
 
     env = {**os.environ, "PYTHONWARNINGS": "error"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--study", "schedules", "--smoke",
@@ -94,8 +94,24 @@ def test_schedules_study_smoke(tmp_path):
                 assert rec["backward_done"]
                 if "budget" in name:
                     assert rec["peak_bytes"] <= rec["memory_budget"]
+        # The interleaved timing phase: one process per problem, one round in --smoke.
+        iv = problem["interleaved"]
+        assert iv["status"] == "ok" and iv["rounds"] == 1 and iv["threads"] >= 1, (key, iv)
+        assert list(iv["configs"]) == INTERLEAVED_CONFIGS + ([c.name for c in SEGMENT_CONFIGS] if key == "b" else [])
+        for name, r in iv["configs"].items():
+            assert r["status"] in ("ok", "skipped"), (key, name, r)
+            if r["status"] == "ok":
+                assert len(r["times"]) == 1 and math.isfinite(r["median_ms"]) and r["median_ms"] > 0, (key, name)
+                assert r["vs"]["torchdiffeq fp32"] > 0, (key, name)
+    # Time targets come from the interleaved medians (the fresh-process ratio kept beside them).
+    time_targets = [t for t in results["targets"] if "time <=" in t["target"]]
+    assert time_targets and all(t.get("source", "").startswith("interleaved") for t in time_targets
+                                if t["met"] is not None), time_targets
     md = (tmp_path / "schedules-cpu.md").read_text()
     assert "## (a)" in md and "## (a400)" in md and "Targets" in md
+    for key in SCHEDULE_PROBLEMS:
+        assert f"### ({key}) interleaved in one process (median of 1 round)" in md
+    assert "fresh processes:" in md
 
 
 def test_stiff_benchmark_smoke(tmp_path):
