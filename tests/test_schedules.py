@@ -15,6 +15,7 @@ from torchdiffeq import odeint
 import rampde_plugins
 from rampde_plugins import AdjointScaler, BinomialSchedule, SegmentsSchedule, collect_stats
 from rampde_plugins._stats import SavedTensorMeter
+from rampde_torchode import RampdeAdjoint
 
 from .helpers import MLPField, rel
 from .test_mixed_precision import STRESS_T, STRESS_Y0, PolynomialDecay, _rel_each, _stress_analytic
@@ -110,13 +111,39 @@ def _torchode_grads(adaptive, checkpoint=None):
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
 @pytest.mark.parametrize("schedule", FP64_SCHEDULES, ids=_ids)
 def test_torchode_gradients_identical_across_schedules(adaptive, schedule):
-    if adaptive and schedule == "graphs":  # per-sample trials are not taped yet: refused, with the alternatives
-        with pytest.raises(ValueError, match="fixed steps only"):
-            _torchode_grads(adaptive, "graphs")
-        return
     ref, rec_ref = _torchode_grads(adaptive)
     got, rec = _torchode_grads(adaptive, _spec(schedule, rec_ref.n_steps))
     assert rec.n_steps == rec_ref.n_steps and rel(got, ref) <= 1e-12
+    if schedule == "graphs":  # every iteration's trial taped in the forward: nothing evaluated in the backward
+        assert rec.backward_nfe == 0 and rec.taped_steps == rec.n_steps
+
+
+def _rejecting_torchode_grads(checkpoint, policy="fp64", dtype=torch.float64):
+    """Per-sample adaptive steps where samples reject at different iterations: too large a first step
+    for samples 1 and 3, a stiffer decay for sample 2 -- a taped iteration mixes accepted and rejected
+    samples, whose rows must then be the identity (as when "steps" rebuilds them with h = 0)."""
+    field = MLPField(batched_time=True, dtype=dtype)
+    gen = torch.Generator().manual_seed(4)
+    y0 = (3 * torch.randn(4, 3, dtype=dtype, generator=gen)).requires_grad_(True)
+    t_eval = torch.tensor([[0.0, 0.4, 1.0], [0.0, 0.5, 2.0], [0.0, 0.1, 0.3], [0.2, 0.9, 1.5]],
+                          dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([1.0, 1.0, 30.0, 1.0], dtype=dtype).reshape(4, 1)
+    term = to.ODETerm(lambda t, y: scale * field(t, y))
+    dt0 = torch.tensor([0.01, 1.5, 0.01, 1.0], dtype=torch.float64)
+    solver = RampdeAdjoint(to.Dopri5(term=None), to.IntegralController(atol=1e-7, rtol=1e-7), precision=policy,
+                           params=tuple(field.parameters()), checkpoint=checkpoint)
+    sol = solver.solve(to.InitialValueProblem(y0, t_eval=t_eval), term=term, dt0=dt0)
+    (sol.ys.double() ** 2).sum().backward()
+    return _flat(y0.grad, t_eval.grad, *(p.grad for p in field.parameters())), sol.stats["rampde"]
+
+
+def test_torchode_graphs_with_per_sample_rejections_equal_steps():
+    ref, rec_ref = _rejecting_torchode_grads("steps")
+    got, rec = _rejecting_torchode_grads("graphs")
+    # samples rejected at different iterations: every taped iteration is a mix
+    assert rec_ref.rejected_steps >= 3 and rec.n_steps == rec_ref.n_steps and rec.rejected_steps == rec_ref.rejected_steps
+    assert rel(got, ref) <= 1e-12
+    assert rec.backward_nfe == 0 and rec.taped_steps == rec.n_steps
 
 
 def test_torchode_fixed_steps_equal_torchode_autodiff_in_fp64():
@@ -383,15 +410,6 @@ def test_schedule_objects_validate_their_argument():
         BinomialSchedule(1.5)
 
 
-def test_graphs_with_per_sample_adaptive_steps_is_refused_with_the_alternatives():
-    from rampde_plugins import solve_batched_adaptive
-
-    with pytest.raises(ValueError, match="per-sample adaptive steps.*'steps', an integer"):
-        solve_batched_adaptive(lambda t, y: -y, torch.ones(2, 2), torch.zeros(2), torch.ones(2), None,
-                               tableau=rampde_plugins.get_registry().tableau("dopri5"),
-                               policy=rampde_plugins.get_registry().policy("fp32"), controller=None, checkpoint="graphs")
-
-
 def test_checkpoint_keyword_only_for_rampde_methods_in_torchode():
     with pytest.raises(TypeError, match="rampde_\\* methods only"):
         to.solve_ivp(lambda t, y: -y, torch.ones(1, 2), torch.tensor([0.0, 1.0]), method="dopri5", checkpoint=3)
@@ -485,3 +503,58 @@ def test_binomial_backward_peak_rss_is_c_states_plus_one_step(n):
     # at N = 1600, and 1/4 of them would be 200 MiB.
     assert r["checkpoints"] <= r["c"]
     assert r["peak"] <= r["c"] * state + r["one_step"] + 16 * state, r
+
+
+class _HalvingController(rampde_plugins.BatchedStepController):
+    """A minimal per-sample controller of the core protocol: accepts an error below ``tol`` and grows
+    the step by 1.5, rejects otherwise -- a non-finite error included -- and halves it."""
+
+    def __init__(self, tol):
+        self.tol = tol
+
+    def start(self, f, t0, y0, dt0):
+        return dt0.clone(), None
+
+    def judge(self, t0, dt, y0, y1, err):
+        e = err.abs().flatten(1).amax(1)
+        ok = torch.isfinite(e) & (e <= self.tol)
+        return ok, torch.where(ok, 1.5 * dt, 0.5 * dt), None
+
+    def merge(self, running):
+        pass
+
+    def rejecting_error(self, y0):
+        return torch.full_like(y0, math.inf)
+
+
+def test_graphs_per_sample_trial_that_overflows_gives_the_gradient_of_steps():
+    """Sample 1's first trial overflows (y' = -a y^3 from y = 40 with a step of 1: its stages reach
+    inf, its error is NaN) and is rejected while sample 0 accepts.  Kept in the taped iteration under
+    a zero cotangent, those rows would make the VJP 0 * inf = NaN and poison the parameter's gradient;
+    the iteration is taped again with h = 0 for them (what "steps" rebuilds).  Core only, no host."""
+    from rampde_plugins import BatchedOutputs, StageInterpolation, solve_batched_adaptive
+
+    reg = rampde_plugins.get_registry()
+    tab = reg.tableau("dopri5")
+
+    def grads(checkpoint):
+        a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        y0 = torch.tensor([[0.5, -0.3], [40.0, 1.0]], dtype=torch.float64, requires_grad=True)
+        t_eval = torch.tensor([[0.0, 0.5, 1.0], [0.0, 0.5, 1.0]], dtype=torch.float64)
+        out = BatchedOutputs(t_eval, StageInterpolation(tab))
+        with collect_stats() as stats:
+            ys, info = solve_batched_adaptive(lambda t, y: -a * y**3, y0, t_eval[:, 0], t_eval[:, -1], out,
+                                              tableau=tab, policy=reg.policy("fp64"), params=(a,),
+                                              controller=_HalvingController(1e-8),
+                                              dt0=torch.tensor([0.01, 1.0], dtype=torch.float64),
+                                              checkpoint=checkpoint)
+            (ys**2).sum().backward()
+        assert bool((info["status"] == 0).all()) and bool(torch.isfinite(ys).all())
+        return _flat(y0.grad, a.grad), stats.last
+
+    ref, rec_ref = grads("steps")
+    got, rec = grads("graphs")
+    assert rec.rejected_steps == rec_ref.rejected_steps >= 1
+    assert bool(torch.isfinite(got).all()) and rel(got, ref) <= 1e-12
+    # the overflowing iteration was taped again: one set of stages more than one per iteration
+    assert rec.forward_nfe > rec.n_steps * tab.stages and rec.backward_nfe == 0

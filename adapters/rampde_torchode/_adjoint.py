@@ -265,12 +265,6 @@ class RampdeAdjoint(torch.nn.Module):
         self.checkpoint = checkpoint_schedule(checkpoint, memory_budget=memory_budget,
                                               owner="RampdeAdjoint(checkpoint=...)",
                                               budget_owner="RampdeAdjoint(memory_budget=...)")
-        if not self.checkpoint.per_sample_adaptive_ok and not isinstance(step_size_controller, FixedStepController):
-            raise ValueError(
-                f"RampdeAdjoint(checkpoint={checkpoint!r}) keeps every step's graph, which is available for fixed "
-                "steps only (torchode.FixedStepController() with dt0); with adaptive steps use 'steps', an "
-                "integer (binomial) or SegmentsSchedule(k)"
-            )
         if scaler is not None and not isinstance(scaler, AdjointScaler):
             raise TypeError(f"scaler must be a rampde_plugins.AdjointScaler, got {type(scaler).__name__}")
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):

@@ -279,12 +279,6 @@ def solve_batched_adaptive(
     """
     params = _common_checks(y0, params, policy)
     schedule = _schedule(checkpoint, adaptive=True)
-    if not schedule.per_sample_adaptive_ok:
-        raise ValueError(
-            f"checkpoint={checkpoint!r} is not available with per-sample adaptive steps yet (each iteration's "
-            "trial would have to be taped for every sample); use checkpoint='steps', an integer (binomial), "
-            "SegmentsSchedule(k) or a memory_budget, or fixed steps for 'graphs'"
-        )
     if tableau.b_err is None:
         raise ValueError(f"method {tableau.name!r} has no embedded error estimate; it cannot adapt its step size")
     _check_time_dtype("start times", t_start)
@@ -296,6 +290,9 @@ def solve_batched_adaptive(
     needs_graph = grad_mode and (y0.requires_grad or outputs.t_eval.requires_grad or t_start.requires_grad
                                  or t_end.requires_grad or bool(diff_params))
     prob.watch = grad_mode and not needs_graph
+    # which time gradients the backward needs, known before the forward (a "graphs" forward tapes them)
+    prob.need_grid = bool(t_start.requires_grad or t_end.requires_grad)
+    prob.need_tout = bool(outputs.t_eval.requires_grad)
 
     if needs_graph and isinstance(prob.schedule, MemoryBudget):
         ts = t_start.detach().to(time_dtype)

@@ -359,7 +359,12 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
     keeper = prob.keeper = prob.schedule.keeper(None, policy.storage) if probe else None
     replay = prob.replay if probe and prob.schedule.replays_steps(None) else None
     outputs.steps.clear()
-    nfe = 0
+    nfe = taped = 0
+    # "graphs": each iteration's trial is built with a graph for the whole batch (its first stage
+    # evaluated inside it, not carried: a carried stage would mix iterations per sample); once judged,
+    # the rows of the samples that did not move become the identity (_mask_tape).
+    taping = keeper is not None and keeper.tape_now(0)
+    needs = TimeNeeds(prob.need_grid, prob.need_tout)
 
     def f_counted(tt, yy):
         nonlocal nfe
@@ -412,11 +417,18 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                 replay.capture(n)
                 k0 = f_counted(t, y)
             h_state = prob.h_for_state(dt, y)
-            failure = failed = None
+            failure = failed = tape = None
             try:
-                y1, ks = prob.step(y, prob.stage_times(t, t + dt, dt), h_state, k0)
+                if taping:
+                    # the step's end times as the adjoint's grid will hold them (t + dt), so the
+                    # taped step is the one the backward's grid describes
+                    tape = build_tape(prob, needs, n, n + 1, y, None, replay=False, points=(t, t + dt))
+                    nfe += tape.nfe - (tableau.stages - 1)
+                    y1, ks = tape.y_end.detach(), [k.detach() for k in tape.ks]
+                else:
+                    y1, ks = prob.step(y, prob.stage_times(t, t + dt, dt), h_state, k0)
             except NewtonFailure as exc:  # an implicit stage did not converge: every sample rejects
-                failure = exc
+                failure, tape = exc, None
                 record.newton_failures += 1
                 y1, ks = y, [k0] * tableau.stages
             if failure is None and prob.stepper is not None and prob.stepper.failed is not None:
@@ -451,6 +463,12 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
             to_update = accept & running
             t_new = torch.where(to_update, t + dt, t)
             anchored = anchored | (will_anchor & to_update)
+            mask = to_update.reshape(-1, *([1] * (y.ndim - 1)))
+            if taping:
+                tape, extra = _mask_tape(prob, needs, n, tape, mask, y, y1, err, t, t_new)
+                nfe += extra
+                if n == 0:
+                    check_tape(prob, tape, prob.params, needs, lambda: " (at iteration 0)")
             if probe:  # without a backward to come nothing is kept
                 keeper.keep(n, y, None)
                 grid.append(t_new)
@@ -458,13 +476,27 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
             entry = outputs.assign(n, t, t_new, direction)
             if entry is not None:
                 out_steps[entry] = dt.detach()[entry[0]].abs().to(out_steps.dtype)
-                # The trial step's data, as torchode interpolates (only accepted samples own outputs).
-                sd = StepData(prob, t, t + dt, dt, y, y1, ks)
-                with prob.full_precision():
-                    outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, outputs.t_eval.detach(), False)))
-            mask = to_update.reshape(-1, *([1] * (y.ndim - 1)))
+                if taping:
+                    values = add_tape_outputs(prob, tape, entry, outputs.t_eval.detach(), t, t + dt, needs)
+                    outputs.write(sol, entry, [v.detach() for v in values])
+                    del values
+                else:
+                    # The trial step's data, as torchode interpolates (only accepted samples own outputs).
+                    sd = StepData(prob, t, t + dt, dt, y, y1, ks)
+                    with prob.full_precision():
+                        outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, outputs.t_eval.detach(), False)))
+            if taping:
+                if prob.measure:
+                    tape.nbytes = tape_nbytes(prob, tape)
+                    prob.held_graph_bytes += tape.nbytes
+                tape.ks = None  # the stages' memory goes with the graph's own references
+                keeper.put_tape(n, tape)
+                tape = None
+                taped += 1
             y = torch.where(mask, y1, y)
-            if not active:  # (a replayed iteration evaluates its first stage itself, above)
+            if taping:
+                k0 = None  # evaluated inside the next iteration's graph
+            elif not active:  # (a replayed iteration evaluates its first stage itself, above)
                 k0 = torch.where(mask, ks[-1] if tableau.fsal else f_counted(t_new, y), k0)
             t = t_new
             n_steps += running
@@ -482,6 +514,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                 break
     record.n_steps, record.n_outputs, record.forward_nfe = n, outputs.t_eval.numel(), nfe + prob.nfe_extra
     record.rejected_steps = int((n_steps - n_accepted).sum())
+    record.taped_steps = taped
     prob.n_steps = n
     # output_steps: the size of the accepted step that reached each output (NaN: none did) -- where
     # the quadrature adjoint's backward solves start their steps
@@ -491,6 +524,24 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
         record.stored_bytes, record.checkpoints = keeper.nbytes(), keeper.checkpoints
         _budget_record(prob, keeper)
     return sol, keeper, grid, anchors, info
+
+
+def _mask_tape(prob, needs, n, tape, mask, y, y1, err, t, t_new):
+    """Iteration ``n``'s taped trial made the step the adjoint's grid describes: the rows of the
+    samples that did not move (rejected, or already finished) become the identity,
+    ``y_end = where(moved, y_end, y)`` -- what "steps" rebuilds for them with ``h = 0``.
+
+    Numerics: those rows' stage values stay in the graph under a zero cotangent, which the VJP turns
+    into exact zeros -- unless they are not finite (an overflowing trial: 0 * inf is NaN, and the
+    batch sum would carry it into the parameters' gradient).  Such an iteration is taped again from
+    ``(t, t_new)``, where those rows have ``h = 0``: one more set of stage evaluations, for that
+    iteration only.  Returns (tape, the field evaluations that took)."""
+    if tape is not None and bool(torch.isfinite(y1).all() & torch.isfinite(err).all()):
+        with torch.enable_grad():
+            tape.y_end = torch.where(mask, tape.y_end, tape.y_leaf)
+        return tape, 0
+    tape = build_tape(prob, needs, n, n + 1, y, None, replay=False, points=(t, t_new))
+    return tape, tape.nfe
 
 
 def _budget_record(prob, keeper) -> None:

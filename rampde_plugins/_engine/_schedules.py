@@ -50,8 +50,6 @@ class CheckpointSchedule:
     segment_steps = 0
     #: works with adaptive steps (whose number is known only after the forward)
     adaptive_ok = True
-    #: works with per-sample adaptive steps (torchode's layout)
-    per_sample_adaptive_ok = True
 
     def replays_steps(self, n_steps: int | None) -> bool:
         """Does the backward recompute forward steps (so random numbers and buffer writes must be
@@ -104,11 +102,11 @@ class GraphsSchedule(CheckpointSchedule):
     step share a weight cast, as with every other schedule.  The hidden-tensor walk of a kept graph
     runs in the backward, right before its VJP, as for a recomputed step (the first step's in the
     forward: see ``_tape.check_tape``).  Memory: N steps' graphs.  With adaptive steps every trial
-    is built with a graph and a rejected trial's graph is dropped at once (shared time only: the
-    per-sample driver, torchode's adaptive steps, does not tape its trials yet)."""
+    is built with a graph and a rejected trial's graph is dropped at once; with per-sample steps
+    (torchode's layout) each iteration's trial is taped for the whole batch and the rows of the
+    samples that rejected it are the identity (``_drivers._mask_tape``)."""
 
     name = "graphs"
-    per_sample_adaptive_ok = False
 
     def replays_steps(self, n_steps):
         return False

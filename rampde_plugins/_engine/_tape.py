@@ -77,7 +77,7 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
                 t0, t1 = points
                 h = t1 - t0
                 stage_t = prob.stage_times(t0, t1, h, True if n in prob.first_next_steps else None)
-                hs = float(h)
+                hs = float(h) if h.ndim == 0 else prob.h_for_state(h, cur)  # per sample: a (B, 1, ..) tensor
             else:
                 t0, t1 = frame.grid[n], frame.grid[n + 1]
                 stage_t, hs = frame.table[n]
