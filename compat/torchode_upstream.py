@@ -1,6 +1,6 @@
 """Run torchode's own adjoint tests with rampde's adjoints in place of torchode's.
 
-    python compat/torchode_upstream.py PATH [PYTEST ARGS ...]
+    python compat/torchode_upstream.py PATH [--checkpoint SCHEDULE] [PYTEST ARGS ...]
 
 PATH is a torchode checkout: a work tree, or the git directory that ``fetch github:martenlienen/torchode``
 leaves (its ``tests/`` are read from HEAD).  Nothing of torchode's is copied into this repository: its
@@ -12,6 +12,9 @@ the tests import them:
 * ``torchode.AutoDiffAdjoint`` (backprop through the solver) -> ``rampde_torchode.RampdeAdjoint`` (the
   discrete adjoint) -- for torchode's own methods and controllers; the tests' stub step methods and
   stub controllers (which probe torchode's internal loop) stay on torchode's own class.
+
+``--checkpoint`` runs the discrete adjoint with that checkpoint schedule (``graphs``, ``steps``, an integer
+for binomial checkpointing) instead of the default.
 
 Default selection: ``adjoint_test.py`` (gradcheck of every adjoint with and without ``t_eval``,
 per-sample spans, fixed steps with ``backward_dt0``).  Exit status: pytest's.
@@ -32,12 +35,15 @@ from torchode.single_step_methods import Euler
 from torchode.single_step_methods.runge_kutta import ExplicitRungeKutta
 
 _autodiff = torchode.AutoDiffAdjoint
+_checkpoint = {checkpoint!r}
 
 
 def _discrete(step_method, step_size_controller, **kwargs):
     ours = type(step_size_controller).__module__.startswith("torchode.")  # not the tests' stubs
     if ours and isinstance(step_method, (Euler, ExplicitRungeKutta)):
         kwargs.pop("backprop_through_step_size_control", None)  # the discrete adjoint differentiates what ran
+        if _checkpoint is not None:
+            kwargs.setdefault("checkpoint", _checkpoint)
         return RampdeAdjoint(step_method, step_size_controller, **kwargs)
     return _autodiff(step_method, step_size_controller, **kwargs)
 
@@ -63,11 +69,19 @@ def export_tests(src: Path, dest: Path) -> None:
 
 
 def main(argv) -> int:
-    src = Path(argv[0])
-    args = argv[1:] or ["adjoint_test.py"]
+    src, rest = Path(argv[0]), list(argv[1:])
+    checkpoint = None
+    if "--checkpoint" in rest:
+        i = rest.index("--checkpoint")
+        if i + 1 >= len(rest):
+            raise SystemExit("--checkpoint needs a schedule: graphs, steps or an integer")
+        value = rest.pop(i + 1)
+        rest.pop(i)
+        checkpoint = int(value) if value.isdigit() else value
+    args = rest or ["adjoint_test.py"]
     with tempfile.TemporaryDirectory() as tmp:
         export_tests(src, Path(tmp))
-        (Path(tmp) / "conftest.py").write_text(CONFTEST)
+        (Path(tmp) / "conftest.py").write_text(CONFTEST.replace("{checkpoint!r}", repr(checkpoint)))
         return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", tmp,
                                *args], cwd=tmp).returncode
 
