@@ -281,11 +281,7 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
                     with prob.full_precision():
                         outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, t_out, False)))
             if taping:
-                if prob.measure:
-                    tape.nbytes = tape_nbytes(prob, tape)
-                    prob.held_graph_bytes += tape.nbytes
-                tape.ks = None  # the stages' memory goes with the graph's own references
-                keeper.put_tape(n, tape)
+                _keep_trial_tape(prob, keeper, n, tape)
                 tape = None
                 taped += 1
             if watch_steps is not None:
@@ -486,11 +482,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                     with prob.full_precision():
                         outputs.write(sol, entry, outputs.evaluate(entry, sd, outputs.times(entry, outputs.t_eval.detach(), False)))
             if taping:
-                if prob.measure:
-                    tape.nbytes = tape_nbytes(prob, tape)
-                    prob.held_graph_bytes += tape.nbytes
-                tape.ks = None  # the stages' memory goes with the graph's own references
-                keeper.put_tape(n, tape)
+                _keep_trial_tape(prob, keeper, n, tape)
                 tape = None
                 taped += 1
             y = torch.where(mask, y1, y)
@@ -524,6 +516,15 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
         record.stored_bytes, record.checkpoints = keeper.nbytes(), keeper.checkpoints
         _budget_record(prob, keeper)
     return sol, keeper, grid, anchors, info
+
+
+def _keep_trial_tape(prob, keeper, n, tape) -> None:
+    """Hand an adaptive iteration's tape to the "graphs" keeper (its bytes counted under a budget)."""
+    if prob.measure:
+        tape.nbytes = tape_nbytes(prob, tape)
+        prob.held_graph_bytes += tape.nbytes
+    tape.ks = None  # the stages' memory goes with the graph's own references
+    keeper.put_tape(n, tape)
 
 
 def _mask_tape(prob, needs, n, tape, mask, y, y1, err, t, t_new):
