@@ -184,30 +184,45 @@ def test_stored_state_bytes_low_precision_about_half_of_fp32():
     assert sizes["fp16"] <= 0.55 * sizes["fp32"] and sizes["bf16"] <= 0.55 * sizes["fp32"]
 
 
-@pytest.mark.parametrize("policy", ["fp32", "bf16"])
-def test_no_graph_survives_between_steps(policy):
-    """Forward saves only the stored states; backward holds one step's graph at a time."""
-    width, batch, dim = 256, 8, 4
+def _saved_peaks(policy, group, width=256, batch=8, dim=4):
+    """{N: (saved bytes the forward leaves, peak saved bytes in the backward)} for N = 16, 64."""
+    torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.Tanh(), torch.nn.Linear(width, dim))
     y0 = torch.randn(batch, dim)
     results = {}
     for n in (16, 64):
         with SavedTensorMeter() as counter:
             y = odeint(lambda t, y: net(y), y0, torch.tensor([0.0, 1.0]), method="rampde_rk4",
-                       options={"step_size": 1 / n, "precision": policy, "adjoint_params": tuple(net.parameters())})
+                       options={"step_size": 1 / n, "precision": policy, "adjoint_params": tuple(net.parameters()),
+                                "checkpoint": rampde_plugins.StepsSchedule(group=group)})
         forward_saved = counter.live  # what the forward leaves for the backward
-        with SavedTensorMeter() as counter2:
+        # the backward's graphs: unique memory, the parameters (which every step saves) excluded
+        with SavedTensorMeter(unique=True, exclude=list(net.parameters())) as counter2:
             y[-1].square().sum().backward()
         results[n] = (forward_saved, counter2.peak)
+    return results, sum(p.numel() * p.element_size() for p in net.parameters())
+
+
+@pytest.mark.parametrize("policy", ["fp32", "bf16"])
+def test_no_graph_survives_between_steps(policy):
+    """Forward saves only the stored states; backward holds one step's graph at a time (one step per
+    VJP), or one group's when "steps" groups small steps (the default): a bounded number of steps."""
+    width, batch, dim = 256, 8, 4
+    results, param_bytes = _saved_peaks(policy, 1, width, batch, dim)
     storage = torch.tensor([], dtype=rampde_plugins.get_registry().policy(policy).storage).element_size()
-    param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     for n, (fwd, _) in results.items():
         # stored states + the saved inputs (grid, times, parameters); no hidden activations
         # (each step's activations alone would be 4 stages x batch x width x 4 bytes = 32 KiB).
         assert fwd <= n * batch * dim * storage + param_bytes + 4096
     # The backward's peak of live saved tensors is one step's graph, independent of N.
-    assert results[64][1] == results[16][1]
-    assert results[16][1] < 4 * 4 * batch * width * 4 + param_bytes * 2
+    one = results[16][1]
+    assert results[64][1] == one
+    assert one < 4 * 4 * batch * width * 4
+    # Grouped (the default): the forward is the same; the backward holds one group of at most 16
+    # steps' graphs and at most 1 MiB of them, independent of N once N exceeds the group.
+    grouped, _ = _saved_peaks(policy, None, width, batch, dim)
+    assert grouped[64][0] == results[64][0]
+    assert 2 * one < grouped[64][1] <= min(16 * one, 2**20) + 4096
 
 
 def test_parameters_untouched_when_backward_raises():

@@ -333,7 +333,8 @@ def test_memory_is_flat_in_the_number_of_steps():
                 _loss(sol.ys).backward()
             peaks[adjoint, n] = meter.peak
     assert peaks["quadrature", 1000] == peaks["quadrature", 100]
-    assert peaks["discrete", 1000] > 5 * peaks["discrete", 100]
+    # the discrete adjoint's 900 more stored states (4 x 3 float64 each)
+    assert peaks["discrete", 1000] - peaks["discrete", 100] >= 900 * 4 * 3 * 8
 
 
 def test_implicit_method_backward_solve():

@@ -13,7 +13,7 @@ import torchode as to
 from torchdiffeq import odeint
 
 import rampde_plugins
-from rampde_plugins import AdjointScaler, BinomialSchedule, SegmentsSchedule, collect_stats
+from rampde_plugins import AdjointScaler, BinomialSchedule, SegmentsSchedule, StepsSchedule, collect_stats
 from rampde_plugins._stats import SavedTensorMeter
 from rampde_torchode import RampdeAdjoint
 
@@ -351,7 +351,7 @@ GRID = 8  # bytes a step: the time grid the Function saves (4 in fp32; bookkeepi
 def test_binomial_memory_is_c_states_plus_one_step_graph(n):
     c = 5
     fwd, bwd, params, rec = _memory(n, c)
-    _, one_step, _, _ = _memory(20, "steps")  # the saved tensors of one rebuilt step (one at a time)
+    _, one_step, _, _ = _memory(20, StepsSchedule(group=1))  # the saved tensors of one rebuilt step
     assert rec.stored_bytes <= c * STATE_BYTES and rec.checkpoints <= c
     # forward: the parameters and only the last step's graph (revolve tapes it after the first sweep)
     assert fwd <= params + one_step + GRID * (n + 1) + SMALL
@@ -361,7 +361,7 @@ def test_binomial_memory_is_c_states_plus_one_step_graph(n):
 
 def test_graphs_keep_every_step_and_steps_keep_every_state():
     fwd_g, bwd_g, params, rec_g = _memory(50, "graphs")
-    fwd_s, bwd_s, _, rec_s = _memory(50, "steps")
+    fwd_s, bwd_s, _, rec_s = _memory(50, StepsSchedule(group=1))  # bwd_s: one step's graph
     assert rec_g.stored_bytes == 0 and fwd_g >= params + 50 * bwd_s * 0.9  # fifty steps' graphs from the forward
     assert rec_s.stored_bytes == 50 * STATE_BYTES and fwd_s <= params + 50 * STATE_BYTES + SMALL
 
@@ -558,3 +558,72 @@ def test_graphs_per_sample_trial_that_overflows_gives_the_gradient_of_steps():
     assert bool(torch.isfinite(got).all()) and rel(got, ref) <= 1e-12
     # the overflowing iteration was taped again: one set of stages more than one per iteration
     assert rec.forward_nfe > rec.n_steps * tab.stages and rec.backward_nfe == 0
+
+
+# ---- "steps" groups small steps into one VJP ------------------------------------------------------
+
+def _count_vjps(monkeypatch):
+    calls = [0]
+    grad = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    return calls
+
+
+@pytest.mark.parametrize("policy", ["fp64", "bf16"])
+def test_steps_groups_small_step_graphs_into_one_vjp_with_the_gradient_of_one_vjp_per_step(policy, monkeypatch):
+    """A small field's step graphs are rebuilt 16 at a time and reversed by one VJP (the per-call cost
+    of autograd dominates such a backward), each step still starting from *its own stored state*: the
+    value is the stored one, the adjoint passes to the previous step's end as the identity -- so the
+    gradient is that of one VJP per step.  bf16 stores its states in bf16: chaining the 16 steps from
+    the first stored state instead (what SegmentsSchedule does, with 1/16 of the states) gives another
+    trajectory and another gradient, which the second bound shows the test would see."""
+    dtype = torch.float64 if policy == "fp64" else torch.float32
+    field = MLPField(dtype=dtype)
+    y0 = torch.randn(4, 3, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    calls = _count_vjps(monkeypatch)
+
+    def grads(checkpoint):
+        field.zero_grad()
+        y0_ = y0.clone().requires_grad_(True)
+        calls[0] = 0
+        with collect_stats() as stats:
+            y = odeint(field, y0_, t.to(dtype), method="rampde_rk4",
+                       options={"step_size": 1.0 / 40, "precision": policy, "checkpoint": checkpoint})
+            (y.double() ** 2).sum().backward()
+        return _flat(y0_.grad, *(p.grad for p in field.parameters())).double(), stats.last, calls[0]
+
+    one, rec1, vjps1 = grads(rampde_plugins.StepsSchedule(group=1))
+    got, rec, vjps = grads("steps")
+    assert (rec1.segment_steps, vjps1) == (0, 40)
+    # the last step alone (its graph decides the group size), then 16 + 16 + 7 steps
+    assert rec.schedule == "steps" and rec.segment_steps == 16 and vjps == 4
+    assert rec.checkpoints == 40 and rec.backward_nfe == rec1.backward_nfe and rec.taped_steps == 40
+    if policy == "fp64":
+        assert rel(got, one) <= 1e-12
+    else:
+        # the same steps from the same stored states: equal but for the order of fp32 sums
+        assert rel(got, one) <= 1e-5
+        chained, _, _ = grads(SegmentsSchedule(16))
+        assert rel(chained, one) > 1e-4
+
+
+def test_steps_keeps_one_vjp_per_step_for_large_step_graphs():
+    """A step whose graph is over 1 MiB (a 256-wide MLP at batch 512: 4 MiB) is reversed alone, so
+    grouping never costs "steps" more than about 1 MiB of memory; at batch 32 (256 KiB a step) four
+    steps share a VJP."""
+    _, bwd, _, rec = _memory(10, "steps", batch=512)
+    assert rec.segment_steps == 0 and rec.backward_steps == 10
+    _, _, _, rec = _memory(10, "steps", batch=32)
+    assert rec.segment_steps == 4
+
+
+@pytest.mark.parametrize("bad, exc", [(0, ValueError), (2.5, TypeError), ("4", TypeError)])
+def test_steps_group_must_be_a_positive_int(bad, exc):
+    with pytest.raises(exc, match="StepsSchedule\\(group\\)"):
+        rampde_plugins.StepsSchedule(group=bad)

@@ -51,9 +51,10 @@ class _Sweep:
         self.nfe_before = prob.nfe_extra  # end slopes of cubic outputs are counted there
 
     # -- what schedules call --------------------------------------------------------------------
-    def tape(self, n0: int, n1: int, y, k0) -> Tape:
-        """Steps n0 .. n1-1 rebuilt with a graph from a kept (or recomputed) state."""
-        tape = build_tape(self.prob, self.frame, n0, n1, y, k0, replay=True)
+    def tape(self, n0: int, n1: int, y, k0, stored=None) -> Tape:
+        """Steps n0 .. n1-1 rebuilt with a graph from a kept (or recomputed) state (``stored``: see
+        :func:`build_tape`)."""
+        tape = build_tape(self.prob, self.frame, n0, n1, y, k0, replay=True, stored=stored)
         self.nfe += tape.nfe
         self.taped += n1 - n0
         if self.prob.measure:
@@ -61,6 +62,10 @@ class _Sweep:
             self.live += tape.nbytes
             self.note_peak()
         return tape
+
+    def tape_bytes(self, tape: Tape) -> int:
+        """What a tape's graph saved (measured once more only when no budget measured it already)."""
+        return tape.nbytes if self.prob.measure else tape_nbytes(self.prob, tape)
 
     def note_peak(self) -> None:
         """What the schedule holds now: its states and checkpoints, the graphs alive, the time grid and
@@ -175,6 +180,8 @@ def _backward(prob: _Problem, keeper, grid, t_out, params, grad_sol, needs):
         sweep.note_peak()
         keeper.reverse(sweep)
         prob.record.checkpoints = max(prob.record.checkpoints, keeper.checkpoints)
+        if keeper.grouped:
+            prob.record.segment_steps = keeper.grouped
         return sweep.finish()
 
 

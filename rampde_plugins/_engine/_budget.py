@@ -150,7 +150,8 @@ class MemoryBudget(CheckpointSchedule):
         # measured it is not faster -- benchmarks/results/schedules-cpu.md -- and "steps" allows
         # repeated backward passes.)  Below that, binomial with the most checkpoints that fit.
         if n_steps * stored + graph + fixed <= budget:
-            return StepsSchedule(), n_steps * stored + graph + fixed
+            # (one step per VJP: the prediction counts one step's graph)
+            return StepsSchedule(group=1), n_steps * stored + graph + fixed
         c = int(min(c_most, n_steps))
         return BinomialSchedule(c), c * state + graph + fixed
 
@@ -188,7 +189,7 @@ class _AdaptiveBudgetKeeper(Keeper):
 
     def __init__(self, schedule: _AdaptiveBudget, storage):
         self.schedule = schedule
-        self._steps = _StatesKeeper(StepsSchedule(), None, storage, every=1)
+        self._steps = _StatesKeeper(StepsSchedule(group=1), None, storage, every=1)
         self._binomial = None
         self._y0 = None
         self.predicted = None

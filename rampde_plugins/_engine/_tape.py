@@ -41,8 +41,14 @@ class Tape:
         self.y_leaf = self.k0_leaf = self.pts = self.y_end = self.k_last = self.ks = self.outs = self.ys = None
 
 
-def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bool, points=None) -> Tape:
+def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bool, points=None,
+               stored=None) -> Tape:
     """Steps ``n0 .. n1-1`` from state ``y`` (and carried first stage ``k0`` of step n0, or None).
+
+    ``stored``: ``stored(n) -> (state, carried first stage or None)`` kept for each step: every step
+    after the first then starts from its stored values, joined to the previous step's end by an
+    identity for the adjoint (:class:`_Rebase`) -- the steps of ``"steps"``, reversed in one VJP.
+    Without it the steps are chained (segments, binomial).
 
     ``replay``: restore each step's random numbers and buffers first (a recomputation; a tape built
     in the forward is the first run).  ``points``: ``[t_n0, t_n0+1]`` of an adaptive trial, whose
@@ -82,6 +88,11 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
                 t0, t1 = frame.grid[n], frame.grid[n + 1]
                 stage_t, hs = frame.table[n]
                 h = frame.table.h_at(n)
+            if stored is not None and n > n0:
+                y_n, k_n = stored(n)
+                cur = _Rebase.apply(cur, y_n.to(state_dtype))
+                if k is not None and k_n is not None:
+                    k = _Rebase.apply(k, k_n.to(state_dtype))
             if keep_ys:
                 ys.append(cur.detach())
             if rp is not None:
@@ -119,6 +130,20 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
     tape.ys = ys if keep_ys else ()
     tape.ks = ks if points is not None else None
     return tape
+
+
+class _Rebase(torch.autograd.Function):
+    """The value of ``stored``, the gradient of ``chained``: step n+1 of a grouped tape starts from
+    its stored state exactly (``chained + (stored - chained).detach()`` could round), while the
+    adjoint flows to step n's end as through the identity -- what one VJP per step passes on."""
+
+    @staticmethod
+    def forward(ctx, chained, stored):
+        return stored.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def _step_cast_dtype(prob):
