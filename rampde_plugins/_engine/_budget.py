@@ -137,9 +137,10 @@ class MemoryBudget(CheckpointSchedule):
         if graphs + grid <= budget:
             return GraphsSchedule(), graphs + grid
         # Then segments of k steps, the largest k that fits: the same steps as "steps" with one VJP
-        # per k steps instead of one per step -- what a small field's backward pays for most
+        # per k steps instead of one per step (a budgeted "steps" reverses one step per VJP: its
+        # prediction counts one step's graph) -- what a small field's backward pays for most
         # (benchmarks/results/schedules-cpu.md: problem (b) 1.08x torchdiffeq with k = 16, 1.39x with
-        # "steps"; k = 64 is no faster than 16, so 16 is the largest tried).
+        # one VJP per step; k = 64 is no faster than 16, so 16 is the largest tried).
         for k in SEGMENT_SIZES:
             if k >= n_steps:
                 continue
