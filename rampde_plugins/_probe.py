@@ -8,7 +8,7 @@ therefore checked:
 
 * the forward's first evaluation of the field (the *probe*, reused as the first stage);
 * in the backward, every recomputed step -- a tensor the field uses only for ``t > 0.5`` is found
-  at the step that uses it;
+  at the step that uses it (or the group of small steps one VJP reverses);
 * a forward that builds no adjoint graph (nothing rampde knows requires grad) but whose field
   output requires grad: the solve would otherwise fall back to plain autograd without a word.
 

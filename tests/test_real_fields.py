@@ -244,6 +244,26 @@ def test_tensor_used_only_later_is_reported_at_backward(host):
     assert v.grad is None
 
 
+class EarlyClosure(LateClosure):
+    def forward(self, t, y):
+        out = self.lin(y)
+        if bool(((t > 0.2) & (t < 0.5)).all()):
+            out = out + y @ self.extra[0]
+        return out
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_tensor_used_only_early_is_reported_with_the_steps_of_its_vjp(host):
+    """Small steps are reversed several per VJP by "steps": the error names that group's steps and
+    times (here the last step alone, then steps 0 to 6 in one VJP)."""
+    v = torch.randn(3, 3, dtype=F64, requires_grad=True)
+    y = HOSTS[host](EarlyClosure(v), torch.randn(4, 3, dtype=F64))
+    with pytest.raises(ValueError, match=r"the vector field \(in steps 0 to 6 of 8, reversed by one VJP, t = 0 to "
+                                         r"0\.875\) uses 1 tensor\(s\) that require grad"):
+        y.sum().backward()
+    assert v.grad is None
+
+
 def test_tensor_used_only_later_differentiated_when_passed():
     v = torch.randn(3, 3, dtype=F64, requires_grad=True)
     field = LateClosure(v)

@@ -122,7 +122,7 @@ class _Sweep:
         tape.clear()
         if refs is not None:
             prob.check.raise_if_hidden(
-                refs, outside, lambda: f" (at step {n0} of {prob.n_steps}, t = {float(frame.grid[n0].min()):.6g})")
+                refs, outside, lambda: _where_steps(frame, n0, n1, prob.n_steps))
         acc = self.a.dtype
         a = grads[0].to(acc)
         self.a = a * inv if inv != 1.0 else a
@@ -168,6 +168,15 @@ class _Sweep:
         rec.backward_done = True
         out = [(i, gp if hit else None) for i, gp, hit in zip(self.param_idx, self.g_params, self.touched)]
         return g_y0, self.g_grid, self.g_tout, out
+
+
+def _where_steps(frame, n0: int, n1: int, n_steps: int) -> str:
+    """Where a tape's steps are, for an error message: one step, or the range one VJP reversed."""
+    t0 = float(frame.grid[n0].min())
+    if n1 - n0 == 1:
+        return f" (at step {n0} of {n_steps}, t = {t0:.6g})"
+    return (f" (in steps {n0} to {n1 - 1} of {n_steps}, reversed by one VJP, t = {t0:.6g} to "
+            f"{float(frame.grid[n1].max()):.6g})")
 
 
 def _backward(prob: _Problem, keeper, grid, t_out, params, grad_sol, needs):
