@@ -44,7 +44,8 @@ class SolveStats:
     forward_runs: int = 0
     #: the checkpoint schedule that ran: "steps", "graphs", "segments" or "binomial"
     schedule: str = "steps"
-    #: segments schedule: the steps rebuilt per VJP (its k); 0 for the other schedules
+    #: steps rebuilt per VJP when more than one: segments' k, or the group of small steps "steps"
+    #: reversed together; else 0
     segment_steps: int = 0
     #: states the schedule kept for the backward (peak; binomial: at most its c)
     checkpoints: int = 0

@@ -290,7 +290,7 @@ class _StatesKeeper(Keeper):
 
     def _reverse_grouped(self, sweep):
         """Steps: groups of steps per VJP, each step from its own stored state (see StepsSchedule)."""
-        n1, group = sweep.last + 1, getattr(self.schedule, "group", 1)
+        n1, group = sweep.last + 1, self.schedule.group
         if sweep.scaling.per_step:  # fp16's dynamic scale is chosen per VJP (see _scaling)
             group = 1
         size = group or 1
@@ -299,10 +299,10 @@ class _StatesKeeper(Keeper):
             tape = sweep.tape(n0, n1, self._state(n0), self._k0.get(n0), stored=self._stored if n1 - n0 > 1 else None)
             if group is None:  # decided once, on the last step's graph
                 size = group = max(1, min(GROUP_MAX, GROUP_BYTES // max(sweep.tape_bytes(tape), 1)))
-                self.grouped = group if group > 1 else 0
             sweep.reverse(tape)
             del tape
             n1 = n0
+        self.grouped = size if size > 1 else 0
 
 
 class _GraphsKeeper(Keeper):
