@@ -419,7 +419,6 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                     # the step's end times as the adjoint's grid will hold them (t + dt), so the
                     # taped step is the one the backward's grid describes
                     tape = build_tape(prob, needs, n, n + 1, y, None, replay=False, points=(t, t + dt))
-                    nfe += tape.nfe - (tableau.stages - 1)
                     y1, ks = tape.y_end.detach(), [k.detach() for k in tape.ks]
                 else:
                     y1, ks = prob.step(y, prob.stage_times(t, t + dt, dt), h_state, k0)
@@ -430,7 +429,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
             if failure is None and prob.stepper is not None and prob.stepper.failed is not None:
                 failed = prob.stepper.failed & running
                 record.newton_failures += int(failed.sum())
-            nfe += tableau.stages - 1
+            nfe += tape.nfe if tape is not None else tableau.stages - 1
             if prob.watch and y1.requires_grad:
                 refs, outside = prob.check.scan([y1], (y,))
                 y1, ks = y1.detach(), [k.detach() for k in ks]
@@ -463,8 +462,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
             if taping:
                 tape, extra = _mask_tape(prob, needs, n, tape, mask, y, y1, err, t, t_new)
                 nfe += extra
-                if n == 0:
-                    check_tape(prob, tape, prob.params, needs, lambda: " (at iteration 0)")
+                check_tape(prob, tape, prob.params, needs, lambda: " (at iteration 0)")  # (the first only)
             if probe:  # without a backward to come nothing is kept
                 keeper.keep(n, y, None)
                 grid.append(t_new)
