@@ -183,6 +183,11 @@ class StepReplay:
                 for b, v in zip(self.buffers, values):
                     b.copy_(v)
 
+    def put_back(self, token) -> None:
+        """Make the field see again what a :meth:`snapshot` kept (a stage recomputed on its own)."""
+        if token is not None:
+            self._apply(token)
+
     def restore(self, key, buffers: bool = True) -> None:
         """Before recomputing the evaluations recorded under ``key``.
 

@@ -47,6 +47,8 @@ class SolveStats:
     #: steps rebuilt per VJP when more than one: segments' k, or the group of small steps "steps"
     #: reversed together; else 0
     segment_steps: int = 0
+    #: the schedule reversed explicit steps stage by stage (``stages=True``: one stage's graph at a time)
+    stage_vjp: bool = False
     #: states the schedule kept for the backward (peak; binomial: at most its c)
     checkpoints: int = 0
     #: steps whose graph was built (in the forward for "graphs" and revolve's last step, else in the backward)

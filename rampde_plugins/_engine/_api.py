@@ -333,6 +333,11 @@ def _new_problem(f, y0, tableau, policy, params, outputs, scaler, method, param_
         per_sample=per_sample, param_hint=param_hint, schedule=schedule, y_shape=tuple(y0.shape), **rest,
     )
     if newton is not None:
+        if getattr(schedule, "stages", False):
+            raise ValueError(
+                f"checkpoint={schedule!r}: stage-by-stage VJPs (stages=True) are for explicit methods; "
+                f"{prob.record.method!r} is implicit (its Newton iterations are not stages with fixed inputs). "
+                f"Use the same schedule without stages=True, or an explicit method (e.g. 'rampde_rk4')")
         prob.stepper = DirkStepper(prob, newton)
     return prob
 

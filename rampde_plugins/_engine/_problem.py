@@ -87,6 +87,7 @@ class _Problem:
         if self.schedule is not None:
             self.record.schedule = self.schedule.name
             self.record.segment_steps = self.schedule.segment_steps
+            self.record.stage_vjp = getattr(self.schedule, "stages", False)
 
     def autocast(self):
         cd = self.policy.compute_dtype
@@ -156,16 +157,17 @@ class _Problem:
         h = h.to(self.policy.state_dtype)
         return h.reshape(*h.shape, *([1] * (y.ndim - 1))) if self.per_sample else h
 
-    def step(self, y: torch.Tensor, times, h, k0: torch.Tensor | None = None):
+    def step(self, y: torch.Tensor, times, h, k0: torch.Tensor | None = None, f=None):
         """One RK step from ``y`` (state dtype): returns (y_next, stage values).
 
         ``h`` is a Python float when no time gradient is needed and time is shared (then
         ``y + h*sum(a_ij k_j)`` is a chain of fused ``add(alpha=...)`` kernels) or a tensor in the
-        state dtype that broadcasts against ``y``.
+        state dtype that broadcasts against ``y``.  ``f``: the field to evaluate the stages with
+        (default: the solve's; a stage-wise tape passes its checkpointed one, ``_stagewise``).
         """
         if self.stepper is not None:
             return self.stepper.step(y, times, h, k0)
-        f, tab, state_dtype = self.f, self.tableau, self.policy.state_dtype
+        f, tab, state_dtype = f or self.f, self.tableau, self.policy.state_dtype
         ks: list[torch.Tensor] = []
         for i in range(tab.stages):
             if i == 0 and k0 is not None:

@@ -51,6 +51,9 @@ class CheckpointSchedule:
     segment_steps = 0
     #: works with adaptive steps (whose number is known only after the forward)
     adaptive_ok = True
+    #: explicit steps are taped stage by stage: the backward holds one stage's graph, not one step's
+    #: (``_stagewise``; one more field evaluation per stage)
+    stages = False
 
     def replays_steps(self, n_steps: int | None) -> bool:
         """Does the backward recompute forward steps (so random numbers and buffer writes must be
@@ -84,14 +87,16 @@ class StepsSchedule(CheckpointSchedule):
 
     name = "steps"
 
-    def __init__(self, group: int | None = None):
+    def __init__(self, group: int | None = None, *, stages: bool = False):
         self.group = None if group is None else _positive_int("StepsSchedule(group)", "group", group)
+        self.stages = _flag("StepsSchedule(stages)", "stages", stages)
 
     def keeper(self, n_steps, storage):
         return _StatesKeeper(self, n_steps, storage, every=1)
 
     def __repr__(self) -> str:
-        return "StepsSchedule()" if self.group is None else f"StepsSchedule(group={self.group})"
+        args = [] if self.group is None else [f"group={self.group}"]
+        return f"StepsSchedule({', '.join(args + _stages_arg(self))})"
 
 
 class SegmentsSchedule(CheckpointSchedule):
@@ -101,8 +106,9 @@ class SegmentsSchedule(CheckpointSchedule):
 
     name = "segments"
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, *, stages: bool = False):
         self.k = _positive_int("SegmentsSchedule(k)", "k", k)
+        self.stages = _flag("SegmentsSchedule(stages)", "stages", stages)
 
     @property
     def segment_steps(self) -> int:
@@ -112,7 +118,7 @@ class SegmentsSchedule(CheckpointSchedule):
         return _StatesKeeper(self, n_steps, storage, every=self.k)
 
     def __repr__(self) -> str:
-        return f"SegmentsSchedule({self.k})"
+        return f"SegmentsSchedule({', '.join([str(self.k)] + _stages_arg(self))})"
 
 
 class GraphsSchedule(CheckpointSchedule):
@@ -144,16 +150,18 @@ class BinomialSchedule(CheckpointSchedule):
     name = "binomial"
 
     def replays_steps(self, n_steps):
-        return n_steps != 1  # one step is taped in the forward: nothing is recomputed
+        # one step is taped in the forward: nothing is recomputed (but its stages, stage by stage)
+        return n_steps != 1 or self.stages
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, *, stages: bool = False):
         self.c = _positive_int("BinomialSchedule(c)", "c", c)
+        self.stages = _flag("BinomialSchedule(stages)", "stages", stages)
 
     def keeper(self, n_steps, storage):
         return _BinomialKeeper(self, n_steps)
 
     def __repr__(self) -> str:
-        return f"BinomialSchedule({self.c})"
+        return f"BinomialSchedule({', '.join([str(self.c)] + _stages_arg(self))})"
 
 
 def _positive_int(owner: str, name: str, value) -> int:
@@ -162,6 +170,16 @@ def _positive_int(owner: str, name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
     return value
+
+
+def _flag(owner: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _stages_arg(schedule) -> list[str]:
+    return ["stages=True"] if schedule.stages else []
 
 
 def checkpoint_schedule(spec, *, owner: str = "checkpoint") -> CheckpointSchedule:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .._probe import sequence_mark
+from ._stagewise import stage_field
 from ._steppers import StepData
 from ._times import _StepTable
 
@@ -63,7 +64,8 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
     tape.n0, tape.n1, tape.nfe, tape.checked, tape.nbytes = n0, n1, 0, False, 0
     tape.mark = sequence_mark()  # autograd nodes numbered below were created before this tape
     keep_ys = prob.callback_step_adjoint is not None or prob.callback_accept_step_adjoint is not None
-    step_casts = _step_cast_dtype(prob)
+    stages = _stagewise(prob)
+    step_casts = None if stages else _step_cast_dtype(prob)
     with torch.enable_grad(), prob.graph_autocast():
         y_leaf = y.detach().to(state_dtype).requires_grad_(True)
         k0_leaf = None if k0 is None else k0.detach().to(state_dtype).requires_grad_(True)
@@ -107,7 +109,9 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
                 # this tape's graph saved (BatchNorm saves its running statistics).
                 rp.restore(n, buffers=fresh)
                 fresh = False
-            if step_casts is None:
+            if stages:
+                y_next, ks = prob.step(cur, stage_t, hs, k, f=stage_field(prob, n, t0, prob.replay))
+            elif step_casts is None:
                 y_next, ks = prob.step(cur, stage_t, hs, k)
             else:
                 y_next, ks = _step_with_cast_cache(prob, step_casts, cur, stage_t, hs, k)
@@ -144,6 +148,11 @@ class _Rebase(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+def _stagewise(prob) -> bool:
+    """Does this solve's schedule reverse explicit steps stage by stage (``_stagewise``)?"""
+    return prob.stepper is None and getattr(prob.schedule, "stages", False)
 
 
 def _step_cast_dtype(prob):
