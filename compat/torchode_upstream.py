@@ -1,6 +1,6 @@
 """Run torchode's own adjoint tests with rampde's adjoints in place of torchode's.
 
-    python compat/torchode_upstream.py PATH [--checkpoint SCHEDULE] [PYTEST ARGS ...]
+    python compat/torchode_upstream.py PATH [--checkpoint SCHEDULE] [--stages] [PYTEST ARGS ...]
 
 PATH is a torchode checkout: a work tree, or the git directory that ``fetch github:martenlienen/torchode``
 leaves (its ``tests/`` are read from HEAD).  Nothing of torchode's is copied into this repository: its
@@ -14,7 +14,8 @@ the tests import them:
   stub controllers (which probe torchode's internal loop) stay on torchode's own class.
 
 ``--checkpoint`` runs the discrete adjoint with that checkpoint schedule (``graphs``, ``steps``, an integer
-for binomial checkpointing) instead of the default.
+for binomial checkpointing) instead of the default; ``--stages`` makes that schedule (default ``steps``)
+reverse each step stage by stage (``stages=True``).
 
 Default selection: ``adjoint_test.py`` (gradcheck of every adjoint with and without ``t_eval``,
 per-sample spans, fixed steps with ``backward_dt0``).  Exit status: pytest's.
@@ -35,7 +36,7 @@ from torchode.single_step_methods import Euler
 from torchode.single_step_methods.runge_kutta import ExplicitRungeKutta
 
 _autodiff = torchode.AutoDiffAdjoint
-_checkpoint = {checkpoint!r}
+_checkpoint = {checkpoint}
 
 
 def _discrete(step_method, step_size_controller, **kwargs):
@@ -78,10 +79,17 @@ def main(argv) -> int:
         value = rest.pop(i + 1)
         rest.pop(i)
         checkpoint = int(value) if value.isdigit() else value
+    expr = repr(checkpoint)
+    if "--stages" in rest:
+        rest.remove("--stages")
+        if checkpoint == "graphs":
+            raise SystemExit("--stages reverses rebuilt steps stage by stage: 'graphs' rebuilds none")
+        expr = (f"rampde_plugins.BinomialSchedule({checkpoint}, stages=True)" if isinstance(checkpoint, int)
+                else "rampde_plugins.StepsSchedule(stages=True)")
     args = rest or ["adjoint_test.py"]
     with tempfile.TemporaryDirectory() as tmp:
         export_tests(src, Path(tmp))
-        (Path(tmp) / "conftest.py").write_text(CONFTEST.replace("{checkpoint!r}", repr(checkpoint)))
+        (Path(tmp) / "conftest.py").write_text(CONFTEST.replace("{checkpoint}", expr))
         return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", tmp,
                                *args], cwd=tmp).returncode
 

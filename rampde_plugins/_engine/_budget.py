@@ -128,7 +128,8 @@ class MemoryBudget(CheckpointSchedule):
                 f"memory_budget={_fmt(budget)} is below what even one checkpoint needs: one state "
                 f"({_fmt(state)}) plus one step's graph ({_fmt(graph)}) plus {held} = {_fmt(state + graph + fixed)}. "
                 "Raise the budget to at least that, or make the problem smaller (batch, width), or solve "
-                "without a budget."
+                "without a budget, or (explicit methods) choose checkpoint=BinomialSchedule(c, stages=True): its "
+                "backward holds one stage's graph instead of one step's."
             )
         c_most = (budget - graph - fixed) // state
         if n_steps is None:

@@ -18,6 +18,10 @@ schedule       kept by the forward                           backward
                                                              the minimal number of steps for c states
 =============  ============================================  ===========================================
 
+``stages=True`` (steps, segments, binomial; explicit methods): a taped step keeps its stage states
+instead of its graph, and the backward rebuilds one stage's graph at a time (``_stagewise``): the
+same gradient, one stage's graph instead of one step's, one more evaluation per stage.
+
 Binomial schedules come from ``checkpoint-schedules`` (``MultistageCheckpointSchedule``, the
 binomial schedule of Griewank and Walther's revolve in Stumm and Walther's formulation), driven
 here as its action stream.  Its checkpoints are kept in the *state* dtype, not the storage dtype:
@@ -83,7 +87,11 @@ class StepsSchedule(CheckpointSchedule):
     does).  Under fp16's dynamic adjoint scaling, whose scale follows the adjoint VJP by VJP, always
     one step per VJP.  Each step of a group still starts from its own stored state (the value is the stored
     one, the adjoint passes to the previous step's end as the identity), so grouping changes the
-    gradient only by the order of floating-point sums."""
+    gradient only by the order of floating-point sums.
+
+    ``stages=True``: each step is rebuilt keeping only its stage states, and its VJP evaluates one
+    stage again at a time (memory: one stage's graph instead of one step's; one more evaluation per
+    stage; explicit methods only)."""
 
     name = "steps"
 
@@ -102,7 +110,7 @@ class StepsSchedule(CheckpointSchedule):
 class SegmentsSchedule(CheckpointSchedule):
     """Every ``k``-th state stored; the backward rebuilds ``k`` steps at a time and takes one VJP for
     the segment (fewer, larger autograd calls: the lever for small fields).  Memory: N/k states + k
-    steps' graphs."""
+    steps' graphs (``stages=True``: k steps' stage states + one stage's graph)."""
 
     name = "segments"
 
@@ -145,7 +153,8 @@ class GraphsSchedule(CheckpointSchedule):
 class BinomialSchedule(CheckpointSchedule):
     """Binomial checkpointing (revolve) with ``c`` stored states, ``y0`` one of them: the provably
     minimal number of recomputed steps for ``c`` states and a known number of steps.  Memory: c states
-    + one step's graph."""
+    + one step's graph; with ``stages=True`` c states + one step's stage states + one stage's graph
+    (one more evaluation per stage of every reversed step; explicit methods only)."""
 
     name = "binomial"
 
