@@ -182,3 +182,28 @@ def test_wong_zakai_study_smoke(tmp_path):
         rows = results["processes"][name]["rows"]
         assert [r["k"] for r in rows] == [5, 10] and all(r["n"] == 2000 and r["var_se"] > 0 for r in rows)
     assert "| torchsde midpoint, dt = 0.1 |" in (tmp_path / "wong_zakai-cpu.md").read_text()
+
+
+def test_live_tensor_meter_counts_storages_while_they_live():
+    import torch
+    from live_memory import LiveTensorMeter
+
+    meter = LiveTensorMeter()
+    with meter:
+        a = torch.ones(2**18)  # 1 MiB
+        view = a[:10]  # same storage: not counted again
+        b = a * 2  # 1 MiB more
+        del a, view, b
+        c = torch.zeros(2**17)  # 0.5 MiB, after the first two were freed
+    assert meter.peak == 2 * 2**20
+    assert meter.current == 2**19
+    del c
+    assert meter.current == 0
+
+
+def test_live_memory_smoke():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "live_memory.py"), "--smoke", "--steps", "4"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| rampde") or line.startswith("| torchdiffeq")]
+    assert len(rows) == 6 and all(float(r.split("|")[2]) > 0 for r in rows)
