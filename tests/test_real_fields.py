@@ -89,6 +89,19 @@ def _close(grads, ref, tol):
         assert (g.double() - r.double()).norm() <= tol * scale
 
 
+def check_like_reference(field, y0, y, reference):
+    """The solution ``y`` at t_end, its gradient (taken here), the buffers and the random stream after
+    it equal :func:`_reference`'s to rounding (fp64)."""
+    ref_y, ref_grads, ref_buffers, ref_rng = reference
+    assert rel(y, ref_y[-1]) < 1e-12
+    grads = torch.autograd.grad((y ** 2).sum(), [y0, *field.parameters()])
+    _close(grads, ref_grads, 1e-12)
+    for k, v in _buffers(field).items():
+        assert torch.allclose(v.double(), ref_buffers[k].double(), rtol=1e-12, atol=0), k
+    # the random stream continues where the forward left it, as after torchdiffeq's backward
+    assert torch.equal(torch.get_rng_state(), ref_rng)
+
+
 def _torchdiffeq(field, y0, precision="fp64", scaler=None):
     opts = dict(STEP, precision=precision)
     if scaler is not None:
@@ -113,18 +126,12 @@ def test_gradients_buffers_and_rng_equal_torchdiffeq_backprop(kind, host):
     # torchode's rampde_rk4 output at t_end is its cubic Hermite interpolant, which evaluates
     # f(t1, y1) once more (drawing random numbers, updating BatchNorm): torchdiffeq's cubic
     # interpolation does the same evaluation, so that is the reference there.
-    ref_y, ref_grads, ref_buffers, ref_rng = _reference(kind, interp="cubic" if host == "torchode" else "linear")
+    reference = _reference(kind, interp="cubic" if host == "torchode" else "linear")
     field, y0 = _make(kind)
     torch.manual_seed(123)
     with collect_stats() as stats:
         y = HOSTS[host](field, y0)
-    assert rel(y, ref_y[-1]) < 1e-12
-    grads = torch.autograd.grad((y ** 2).sum(), [y0, *field.parameters()])
-    _close(grads, ref_grads, 1e-12)
-    for k, v in _buffers(field).items():
-        assert torch.allclose(v.double(), ref_buffers[k].double(), rtol=1e-12, atol=0), k
-    # the random stream continues where the forward left it, as after torchdiffeq's backward
-    assert torch.equal(torch.get_rng_state(), ref_rng)
+    check_like_reference(field, y0, y, reference)
     rec = stats.last
     assert rec.replayed is True
     assert rec.forward_runs == (2 if kind == "late dropout" else 1)
