@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .._probe import sequence_mark
-from ._steppers import _bad_velocity
+from ._steppers import _check_velocity
 
 __all__ = ["stage_field"]
 
@@ -62,9 +62,8 @@ class _Stage(torch.autograd.Function):
         ctx.run, ctx.params = run, params
         # what the field sees now, before this evaluation draws or writes anything
         ctx.token = rp.snapshot() if rp is not None else None
-        k = run.prob.f(t, y)
-        if type(k) is not torch.Tensor or k.shape != y.shape or not k.dtype.is_floating_point:
-            _bad_velocity(k, y, t)
+        # checked here, not only by the step: a Function cannot return what is not a tensor
+        k = _check_velocity(run.prob.f(t, y), y, t)
         if k is y or k is t:  # an output that is an input: autograd needs a tensor of its own
             k = k.clone()
         ctx.save_for_backward(t, y)
@@ -82,7 +81,7 @@ class _Stage(torch.autograd.Function):
             if ctx.token is not None:
                 rp.put_back(ctx.token)
             with torch.enable_grad(), prob.graph_autocast():
-                t_leaf = t.detach().requires_grad_(needs[0]) if t.is_floating_point() else t
+                t_leaf = t.detach().requires_grad_(needs[0])
                 y_leaf = y.detach().requires_grad_(True)
                 mark = sequence_mark()
                 k = prob.f(t_leaf, y_leaf)
@@ -104,8 +103,7 @@ def stage_field(prob, n: int, t0, replay):
     run = _StageRun(prob, replay if replay is not None and replay.active else None, n, t0)
     params = tuple(p for p in prob.params if isinstance(p, torch.Tensor) and p.requires_grad)
 
-    def f(t, y):
-        t = t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=y.dtype, device=y.device)
+    def f(t, y):  # (stage times are tensors: rows of the solve's stage-time table, or leaves)
         return _Stage.apply(run, t, y, *params)
 
     return f

@@ -151,8 +151,9 @@ class _Rebase(torch.autograd.Function):
 
 
 def _stagewise(prob) -> bool:
-    """Does this solve's schedule reverse explicit steps stage by stage (``_stagewise``)?"""
-    return prob.stepper is None and getattr(prob.schedule, "stages", False)
+    """Does this solve's schedule reverse explicit steps stage by stage (``_stagewise``)?  (Implicit
+    methods refuse ``stages=True`` when the solve is set up.)"""
+    return getattr(prob.schedule, "stages", False)
 
 
 def _step_cast_dtype(prob):
