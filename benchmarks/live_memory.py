@@ -12,7 +12,9 @@ every storage an operator returns is counted from its creation until it is freed
 storage sees its end).  Kernel-internal scratch buffers are not operator outputs and are not counted.
 
 Problem (a) of the benchmarks (MLP 64-512-64, batch 1024), RK4 on a fixed grid, one warm-up
-iteration first.  Results: ``benchmarks/results/live-memory-cpu.md``.
+iteration first.  A last row measures a floor no method can go below (:func:`floor`): the
+solution and its cotangent alive while one bf16 field VJP runs.  Results:
+``benchmarks/results/live-memory-cpu.md``.
 """
 
 from __future__ import annotations
@@ -97,6 +99,41 @@ def _iteration(case, method, options):
     loss.backward()
 
 
+FLOOR = "floor of any method: solution + its cotangent + one bf16 field VJP"
+FLOOR_C = "floor with c=sqrt(N) stored states (bf16): the above + c states"
+
+
+def floor(case, n_states: int = 0) -> int:
+    """A lower bound on a method's peak for this iteration, measured with the same meter.
+
+    Whatever the schedule, while the backward runs the user holds the returned solution, autograd
+    holds its cotangent (``select_backward`` of the loss on ``sol[-1]`` is a full tensor), and at
+    least one vector-Jacobian product of the field is taken, which holds that evaluation's
+    activations and its parameter gradients.  This runs exactly that (the solution and cotangent
+    alive while one bf16 field VJP runs) and reports its peak; ``n_states`` states in bf16 (the
+    narrowest storage dtype there is for them) are kept alive meanwhile, as a schedule that stores
+    that many states must.  The VJP's input state and cotangent are made outside the meter: the
+    bound is on the low side.
+    """
+    y = case.y0.detach().clone().requires_grad_()
+    cotangent = torch.randn_like(y)
+    params = [p for p in case.func.parameters() if p.requires_grad]
+
+    def one_vjp(_grad):
+        with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # hooks run without grad
+            k = case.func(torch.tensor(0.0), y)
+        torch.autograd.grad(k, [y, *params], cotangent.to(k.dtype))
+
+    meter = LiveTensorMeter()
+    with meter:
+        kept = [case.y0.to(torch.bfloat16) for _ in range(n_states)]
+        sol = torch.stack([case.y0, case.y0]).requires_grad_()
+        sol.register_hook(one_vjp)
+        case.loss(sol[-1].float()).backward()
+        del kept
+    return meter.peak
+
+
 def measure(steps: int, smoke: bool, only: str | None = None) -> list[tuple[str, float]]:
     rows = []
     for name, make in _configs().items():
@@ -111,6 +148,11 @@ def measure(steps: int, smoke: bool, only: str | None = None) -> list[tuple[str,
         with meter:
             _iteration(case, method, options)
         rows.append((name, meter.peak))
+    for name, n_states in ((FLOOR, 0), (FLOOR_C, math.ceil(math.sqrt(steps)))):
+        if not only or only in name:
+            case = build_case("a", smoke=smoke, device="cpu", n_steps=steps)
+            floor(case, n_states)  # warm-up, as above
+            rows.append((name, floor(case, n_states)))
     return rows
 
 
@@ -136,7 +178,9 @@ def main(argv=None) -> None:
         title = "smoke sizes" if args.smoke else "MLP 64-512-64, batch 1024"
         lines += [f"## Problem (a): {title}, {steps} RK4 steps", "",
                   "| config | live-tensor peak MiB | vs torchdiffeq fp32 |", "|---|---|---|"]
-        lines += [f"| {name} | {peak / 2**20:.2f} | {f'{peak / base:.4f}x' if base else '-'} |" for name, peak in rows]
+        lines += [f"| {name} | {peak / 2**20:.2f} | {f'{peak / base:.5f}x' if base else '-'} |" for name, peak in rows]
+        if base:
+            lines += ["", f"1/100 of torchdiffeq fp32 is {base / 100 / 2**20:.2f} MiB."]
         lines.append("")
     lines.append(f"({time.time() - start:.0f} s)")
     text = "\n".join(lines) + "\n"
