@@ -94,6 +94,37 @@ def test_adaptive_gradients_identical_across_schedules(method, schedule):
         assert rec.backward_nfe == 0 and rec.taped_steps == n
 
 
+class _TimeOnly(torch.nn.Module):
+    """torchdiffeq's ``ExpODE`` test field: f(t, y) = -0.1 exp(-0.1 t), no parameter and no ``y``.
+
+    With times that need no gradient nothing a step computes but its end state has a graph, so the
+    carried last stage of FSAL methods and outputs between steps are not differentiable at all (a
+    VJP must leave them out, not fail on them)."""
+
+    def forward(self, t, y):
+        return -0.1 * torch.exp(-0.1 * t) * torch.ones_like(y)
+
+
+@pytest.mark.parametrize("method", ["rampde_dopri5", "rampde_bosh3", "rampde_rk4"])
+@pytest.mark.parametrize("schedule", [*FP64_SCHEDULES, StepsSchedule(stages=True)], ids=_ids)
+def test_field_without_state_or_parameters_every_schedule(method, schedule):
+    # Found by torchdiffeq's own test_adjoint_against_odeint (ode='exp', t_grad=False) run with
+    # options["checkpoint"] = "graphs" (compat/upstream.py --checkpoint graphs).  Reference: the
+    # discrete map y_{n+1} = y_n + h Phi(t_n, h) has dy(t_i)/dy0 = 1 exactly, so the gradient is
+    # the sum of the cotangents, whatever the steps.
+    t = torch.linspace(1, 8, 10, dtype=torch.float64)
+    y0 = torch.exp(-0.1 * t[:1]).detach().requires_grad_(True)
+    opts = {"step_size": 7 / 63} if method == "rampde_rk4" else {}  # outputs on grid points
+    n = 63 if method == "rampde_rk4" else 12
+    ys = odeint(_TimeOnly(), y0, t, method=method, rtol=1e-9, atol=1e-12,
+                options={**opts, "checkpoint": _spec(schedule, n)})
+    host = odeint(_TimeOnly(), y0.detach(), t, method=method[len("rampde_"):], rtol=1e-9, atol=1e-12, options=opts)
+    assert rel(ys, host) <= 1e-12  # torchdiffeq's own steps (bosh3's interpolation is 1e-6 off exp)
+    cot = torch.linspace(0.5, 2.0, len(t), dtype=torch.float64)[:, None]
+    (g,) = torch.autograd.grad(ys, y0, cot)
+    assert rel(g, cot.sum().reshape(1)) <= 1e-12
+
+
 def _torchode_grads(adaptive, checkpoint=None):
     field = MLPField(batched_time=True)
     y0 = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)

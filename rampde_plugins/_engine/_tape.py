@@ -223,8 +223,12 @@ def add_tape_outputs(prob, tape: Tape, entry, t_out, t0, t1, needs: TimeNeeds):
 def tape_roots(tape: Tape, a, a_k, g, outputs):
     """(roots, cotangents) of a tape: the end state against the adjoint, the carried last stage
     against its cotangent from the next step, the outputs against the loss's cotangents."""
+    # A root without a graph depends on nothing the VJP differentiates (a field of t alone, whose
+    # times need no gradient: its stages, hence the carried last stage and outputs formed from stages
+    # only, are constants); its cotangent contributes nothing and autograd refuses it as a root.
+    # The end state always has one: it is y_leaf plus the increment.
     roots, cot = [tape.y_end], [a]
-    if a_k is not None:  # the next step started from this tape's last stage
+    if a_k is not None and tape.k_last.requires_grad:  # the next step started from this tape's last stage
         roots.append(tape.k_last)
         cot.append(a_k)
     for entry, values, _ in tape.outs:
@@ -232,7 +236,7 @@ def tape_roots(tape: Tape, a, a_k, g, outputs):
             if v is tape.y_end:  # an output that is the end state itself: fold its cotangent in
                 if c is not None:
                     cot[0] = cot[0] + c
-            else:
+            elif v.requires_grad:
                 roots.append(v)
                 cot.append(c)
     return roots, cot
