@@ -15,6 +15,7 @@ from torchdiffeq import odeint
 import rampde_plugins
 from rampde_plugins import ButcherTableau, NewtonOptions, collect_stats, hookimpl
 
+from .helpers import rel
 from .host_helpers import needs_torchdiffeq_callbacks
 
 IMPLICIT = {"implicit_euler": 1, "implicit_midpoint": 2, "trapezoid": 2, "sdirk2": 2, "trbdf2": 2, "kvaerno3": 3,
@@ -185,6 +186,45 @@ def test_gradcheck_y0_t_and_parameters(method, solver):
                       y0.detach(), t.detach(), method="rampde_" + method, options={**opts, "adjoint_params": ps})
 
     assert torch.autograd.gradcheck(through_params, tuple(params), atol=1e-7, nondet_tol=1e-12)
+
+
+class _OfTimeOnly(nn.Module):
+    """y' = -a exp(-a t): no dependence on the state (J = df/dy = 0), like torchdiffeq's own ``ExpODE``
+    test problem (there without the parameter)."""
+
+    def __init__(self, trainable):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.1, dtype=F64), requires_grad=trainable)
+
+    def forward(self, t, y):
+        return -self.a * torch.exp(-self.a * t) * torch.ones_like(y)
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["no-parameter", "parameter"])
+@pytest.mark.parametrize("solver", ["dense", "krylov"])
+@pytest.mark.parametrize("method", sorted(IMPLICIT))
+def test_a_field_that_does_not_depend_on_the_state(method, solver, trainable):
+    # Newton's Jacobian of such a field is zero: the VJPs that form it find no path to the state and
+    # must give zeros, not fail (the no-parameter case has no graph at all).  References: the exact
+    # dy/dy0 = 1 of every step map y + h sum b_i g(t_i), the closed form, and finite differences.
+    f = _OfTimeOnly(trainable)
+    opts = {"grid_constructor": _grid(9), "precision": "fp64", "linear_solver": solver, "newton": TIGHT}
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    y0 = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    ys = odeint(f, y0, t, method="rampde_" + method, options=opts)
+    exact = y0.detach() - 1 + torch.exp(-0.1 * t)[:, None]
+    assert (ys - exact).abs().max() <= 1e-3 * 8.0 ** -IMPLICIT[method] * 8  # order p on 8 steps
+    cot = torch.linspace(0.5, 2.0, ys.numel(), dtype=F64).reshape(ys.shape)
+    wanted = [y0, f.a] if trainable else [y0]
+    grads = torch.autograd.grad(ys, wanted, cot)
+    assert rel(grads[0], cot.sum(0)) <= 1e-12
+    if trainable:
+        def through_a(a):
+            field = lambda tt, y: -a * torch.exp(-a * tt) * torch.ones_like(y)  # noqa: E731
+            return odeint(field, y0.detach(), t, method="rampde_" + method, options={**opts, "adjoint_params": (a,)})
+
+        assert torch.autograd.gradcheck(through_a, (f.a.detach().clone().requires_grad_(True),), atol=1e-7,
+                                        nondet_tol=1e-12)
 
 
 def _reference_dirk(f, tab, y0, grid):

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._linear import DenseSolver, KrylovSolver, Layout, gmres, rms
+from ._linear import DenseSolver, KrylovSolver, Layout, gmres, rms, vjp_or_zeros
 from ._steppers import _axpy, _bad_velocity
 
 __all__ = ["NewtonOptions", "NewtonFailure", "newton_options", "LINEAR_SOLVERS"]
@@ -348,7 +348,7 @@ class DirkStepper:
                 prob.nfe_extra += 1
 
                 def op(v):
-                    (jt,) = torch.autograd.grad(fz, z_leaf, layout.unflat(v).to(fz.dtype), retain_graph=True)
+                    jt = vjp_or_zeros(fz, z_leaf, layout.unflat(v).to(fz.dtype), retain_graph=True)
                     return v - hg_groups[:, None] * layout.flat(jt)
 
                 gf = layout.flat(g.to(z.dtype))

@@ -18,6 +18,20 @@ import math
 
 import torch
 
+def vjp_or_zeros(out: torch.Tensor, inp: torch.Tensor, cot: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``(d out / d inp)^T cot``, and zeros where ``out`` does not depend on ``inp``: a field of ``t``
+    alone (or of its parameters alone) has a zero Jacobian, which autograd reports as no graph at
+    all (``out`` needs no gradient) or as an unused input.  ``is_grads_batched=True`` gives one row
+    per leading entry of ``cot``."""
+    batched = kwargs.get("is_grads_batched", False)
+    zeros = lambda: torch.zeros((cot.shape[0], *inp.shape) if batched else inp.shape,  # noqa: E731
+                                dtype=inp.dtype, device=inp.device)
+    if not out.requires_grad:
+        return zeros()
+    (g,) = torch.autograd.grad(out, inp, cot, allow_unused=True, **kwargs)
+    return zeros() if g is None else g
+
+
 def gmres(op, b: torch.Tensor, *, rtol: float, max_iter: int, precond=None, restarts: int = 4):
     """Solve ``op(x) = b`` for a batch of independent systems (rows of ``b``, shape ``(G, n)``).
 
@@ -147,7 +161,7 @@ class KrylovSolver:
             z_leaf = z.detach().requires_grad_(True)
             F = self.stepper._f(t, z_leaf)
             u = torch.zeros_like(F, requires_grad=True)
-            (vjp,) = torch.autograd.grad(F, z_leaf, u, create_graph=True)
+            vjp = vjp_or_zeros(F, z_leaf, u, create_graph=True)
         return F.detach(), (vjp, u)
 
     def solve(self, res, lin, gamma, hg_groups):
@@ -156,7 +170,7 @@ class KrylovSolver:
 
         def op(v):
             with torch.enable_grad():
-                (jv,) = torch.autograd.grad(vjp, u, layout.unflat(v).to(vjp.dtype), retain_graph=True)
+                jv = vjp_or_zeros(vjp, u, layout.unflat(v).to(vjp.dtype), retain_graph=True)
             return v - hg_groups[:, None] * layout.flat(jv).to(v.dtype)
 
         x, _, _ = gmres(op, res, rtol=self.stepper.opts.linear_rtol, max_iter=min(layout.n, 50))
@@ -168,7 +182,7 @@ class KrylovSolver:
         if self.norm is None:
             vjp, u = lin
             with torch.enable_grad():
-                (jv,) = torch.autograd.grad(vjp, u, torch.ones_like(vjp), retain_graph=True)
+                jv = vjp_or_zeros(vjp, u, torch.ones_like(vjp), retain_graph=True)
             self.norm = rms(self.layout, jv.to(self.stepper.prob.policy.state_dtype))
         return self.norm
 
@@ -186,8 +200,8 @@ def jacobian(stepper, layout: Layout, y, t) -> torch.Tensor:
         eye = torch.eye(n, dtype=fy.dtype, device=fy.device)
         cots = eye[:, None, :].expand(n, G, n).reshape(n, *layout.shape)
         try:
-            (rows,) = torch.autograd.grad(fy, y_leaf, cots, is_grads_batched=True, retain_graph=True)
+            rows = vjp_or_zeros(fy, y_leaf, cots, is_grads_batched=True, retain_graph=True)
         except RuntimeError:
-            rows = torch.stack([torch.autograd.grad(fy, y_leaf, c, retain_graph=True)[0] for c in cots])
+            rows = torch.stack([vjp_or_zeros(fy, y_leaf, c, retain_graph=True) for c in cots])
     # rows[j] has shape of y; in group g its entries are J_g[j, :]
     return rows.reshape(n, G, n).permute(1, 0, 2).to(stepper.prob.policy.state_dtype).contiguous()
