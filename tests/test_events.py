@@ -302,6 +302,24 @@ def _solve(event_fn, method="rampde_dopri5", options=None):
                   options=options)
 
 
+@pytest.mark.parametrize("ours, theirs, options", [("rampde_dopri5", "dopri5", {}),
+                                                   ("rampde_rk4", "rk4", {"step_size": 0.01})])
+def test_an_event_value_that_broadcasts_to_the_first_shape_is_accepted(ours, theirs, options):
+    # torchdiffeq's examples/learn_physics.py ends a bounce at a horizon by returning
+    # ``torch.zeros_like(t)`` (shape ()) past it, where its event function otherwise gives shape (1,);
+    # torchdiffeq multiplies by the first call's signs, so the value broadcasts.  Reference: the event
+    # time and state of torchdiffeq's own method (the horizon, 1.5, comes before the bottom at 2.09).
+    def g(t, y):
+        return torch.zeros_like(t) if t > 1.5 else y[..., :1]
+
+    t = torch.tensor([0.5, 9.0], dtype=F64)
+    theirs_opts = dict(options, interp="cubic") if "step_size" in options else options
+    te, ye = odeint(Pendulum(), _y0(), t, event_fn=g, method=theirs, options=theirs_opts, rtol=1e-9, atol=1e-11)
+    tr, yr = odeint(Pendulum(), _y0(), t, event_fn=g, method=ours, options=options, rtol=1e-9, atol=1e-11)
+    assert abs(_f(te) - 1.5) < 1e-9 and abs(_f(tr - te)) < 1e-10
+    assert torch.allclose(yr, ye, rtol=0, atol=1e-10)
+
+
 def test_fixed_grid_without_step_size_is_a_value_error():
     with pytest.raises(ValueError, match=r"options\['step_size'\]"):
         _solve(bottom, method="rampde_rk4")

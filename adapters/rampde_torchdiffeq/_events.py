@@ -103,8 +103,8 @@ class EventFunction:
     """The event function as the search calls it: ``g(t, y)`` -> a 0-d tensor whose sign change is
     the event, with the user's function checked at every call.
 
-    Raises TypeError (not a tensor, not real floating point) or ValueError (empty, a shape other
-    than at its first call, NaN) naming ``event_fn``."""
+    Raises TypeError (not a tensor, not real floating point) or ValueError (empty, a shape that
+    does not broadcast to its first call's, NaN) naming ``event_fn``."""
 
     def __init__(self, event_fn, method: str):
         self.method, self.shape = method, None
@@ -137,8 +137,18 @@ class EventFunction:
         if self.shape is None:
             self.shape = c.shape
         elif c.shape != self.shape:
-            raise ValueError(f"{owner}: event_fn returned shape {tuple(c.shape)} at t = {float(t):.6g} but "
-                             f"{tuple(self.shape)} before; it must return the same shape at every call")
+            # torchdiffeq multiplies each value by the first call's signs, so a value that broadcasts
+            # to the first shape is one value for every event (its examples/learn_physics.py returns
+            # zeros_like(t), shape (), past a horizon); anything else would change the events.
+            try:
+                fits = torch.broadcast_shapes(c.shape, self.shape) == self.shape
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(f"{owner}: event_fn returned shape {tuple(c.shape)} at t = {float(t):.6g} but "
+                                 f"{tuple(self.shape)} before; it must return the same shape at every call (or "
+                                 "one that broadcasts to it)")
+            c = c.expand(self.shape)
         return c
 
     def __call__(self, t, y):
