@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                         f"{'-' if diff is None else f'{diff:.1e}'} | {ref['wall_s']} / {got['wall_s']} | "
                         f"{', '.join(got['warnings']) or '-'} |")
             print(rows[-1], flush=True)
-    head = [f"# torchdiffeq's examples with rampde methods ({', '.join(f'{k}={v}' for k, v in cfg.items() if v)})",
+    head = [f"# torchdiffeq's examples with rampde methods ({', '.join(f'{k}={v}' for k, v in cfg.items() if v) or 'defaults'})",
             "",
             f"torch {torch.__version__}, torchdiffeq {torchdiffeq.__version__}, python {sys.version.split()[0]}; "
             f"load average {os.getloadavg()[0]:.2f}. `python compat/examples.py <torchdiffeq checkout>"
