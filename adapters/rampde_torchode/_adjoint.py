@@ -339,7 +339,7 @@ class RampdeAdjoint(torch.nn.Module):
             return Solution(ts=t_eval, ys=ys, stats=stats, status=empty)
         f = term.f if not term.with_args else functools.partial(_with_args, term.f, args)
         common = dict(newton=self.newton,
-            tableau=tableau, policy=policy, params=self.params if self.params is not None else tuple(term.parameters()),
+            tableau=tableau, policy=policy, params=solve_params(self.params, term, args),
             buffers=tuple(term.buffers()), scaler=self.scaler, param_hint=PARAM_HINT, checkpoint=self.checkpoint,
             method=f"rampde_{tableau.name}" if isinstance(method, RampdeStepMethod) else tableau.name,
         )
@@ -405,6 +405,35 @@ class RampdeAdjoint(torch.nn.Module):
     def __repr__(self):
         return (f"RampdeAdjoint(step_method={self.step_method}, step_size_controller={self.step_size_controller}, "
                 f"max_steps={self.max_steps}, precision={self.precision!r}, checkpoint={self.checkpoint!r})")
+
+
+def tensors_in_args(args) -> list:
+    """The tensors that need grad in torchode's ``args`` (inside tuples, lists and dict values).
+
+    torchode hands ``args`` to the field at every evaluation, and its ``AutoDiffAdjoint``
+    differentiates them like any input, so the discrete adjoint takes them as parameters.  A tensor
+    kept elsewhere (an attribute of a custom object) is not found here; the hidden-tensor check
+    then names it and asks for ``params=``."""
+    found, stack = [], [args]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            if x.requires_grad and all(x is not y for y in found):
+                found.append(x)
+        elif isinstance(x, (tuple, list)):
+            stack.extend(reversed(x))
+        elif isinstance(x, dict):
+            stack.extend(reversed(list(x.values())))
+    return found
+
+
+def solve_params(given, term, args) -> tuple:
+    """What a solve differentiates: ``params`` if given, else the term's parameters; and, when the
+    term takes ``args``, the tensors in them that need grad."""
+    params = list(given if given is not None else term.parameters())
+    if term.with_args:
+        params += [a for a in tensors_in_args(args) if all(a is not p for p in params)]
+    return tuple(params)
 
 
 def _with_args(f, args, t, y):

@@ -33,7 +33,7 @@ from rampde_plugins import (
     solve_quadrature,
 )
 
-from ._adjoint import RampdeAdjoint, _with_args, tableau_of
+from ._adjoint import RampdeAdjoint, _with_args, solve_params, tableau_of
 
 PARAM_HINT = "pass them explicitly: QuadratureAdjoint(term, step_method, controller, params=(A, b))"
 
@@ -113,7 +113,7 @@ class QuadratureAdjoint(torch.nn.Module):
         if backward_dt0 is None and dt0 is not None:
             backward_dt0 = -torch.as_tensor(dt0, dtype=time_dtype, device=y0.device)
         f = term.f if not term.with_args else functools.partial(_with_args, term.f, args)
-        params = self.params if self.params is not None else tuple(term.parameters())
+        params = solve_params(self.params, term, args)
         held = {}
 
         # An adaptive backward under the forward's controller starts each interval with the step the
