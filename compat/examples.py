@@ -37,7 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from upstream import export_tests  # noqa: E402
+from upstream import export_tests, schedule  # noqa: E402
 
 FLOAT = r"(-?[0-9]+\.?[0-9]*(?:[eE][+-]?[0-9]+)?)"
 
@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in EXAMPLES]
     if unknown:
         p.error(f"--only: unknown example(s) {unknown}; choose from {list(EXAMPLES)}")
+    schedule(args.checkpoint, args.stages)  # a bad --checkpoint/--stages stops here, not in every example's process
     cfg = {"precision": args.precision, "checkpoint": args.checkpoint, "stages": args.stages, "dtype": args.dtype}
     import torch
     import torchdiffeq

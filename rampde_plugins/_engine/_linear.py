@@ -18,6 +18,7 @@ import math
 
 import torch
 
+
 def vjp_or_zeros(out: torch.Tensor, inp: torch.Tensor, cot: torch.Tensor, **kwargs) -> torch.Tensor:
     """``(d out / d inp)^T cot``, and zeros where ``out`` does not depend on ``inp``: a field of ``t``
     alone (or of its parameters alone) has a zero Jacobian, which autograd reports as no graph at
