@@ -89,7 +89,7 @@ class _Sweep:
             y1, ks = prob.step(y, stage_t, hs, k0)
         self.nfe += prob.tableau.stages - (k0 is not None)
         self.recomputed += 1
-        return y1, (ks[-1] if prob.carried_k0.carries(n + 1) else None)
+        return y1, (prob.carry_out(ks, hs) if prob.carried_k0.carries(n + 1) else None)
 
     def after(self, tape: Tape | None, n: int, y, k0):
         """(state, carried first stage) after taped step n (advanced without a graph if not taped)."""

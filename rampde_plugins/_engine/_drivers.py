@@ -10,7 +10,7 @@ from .._storage import ChunkedStore
 from ._problem import _check_storage, _Problem, _probe_first, _with_replay
 from ._implicit import NewtonFailure
 from ._steppers import StepData, _check_velocity, _lincomb
-from ._tape import Frame, TimeNeeds, add_tape_outputs, build_tape, check_tape
+from ._tape import FirstStage, Frame, TimeNeeds, add_tape_outputs, build_tape, check_tape
 from ._budget import MemoryBudget, resolve_budget, tape_nbytes
 
 
@@ -47,8 +47,10 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
     grid, t_out, table = frame.grid, frame.t_out, frame.table
     # First-same-as-last: the last stage of a step is f(t_{n+1}, y_{n+1}) bit for bit (same
     # coefficients, same operation order), so it is the next step's first stage.  Not with
-    # `perturb`, which evaluates the two at different sides of t_{n+1}, and not for a field that is
-    # replayed: its next evaluation draws other random numbers than the last stage did.
+    # `perturb`, which evaluates the two at different sides of t_{n+1}.  For a field that is
+    # replayed the value is *carried* (kept with the next step's state, its cotangent flowing into
+    # this step): a recomputation would draw other random numbers than the last stage did, and
+    # evaluating afresh would make the forward depend on whether a backward is to come.
     fsal = tab.fsal and not prob.perturb
     nfe = taped = 0
     k0 = None
@@ -61,18 +63,22 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
                 if not replaying:
                     replay.detect()
                 replay.put(0, replay.start_token())
-        if replay is not None and replay.active:
-            fsal = False
+        carry = fsal and replay is not None and replay.active
+        if carry:
+            prob.carried_k0.clear()
         for n in range(n_steps):
             if keeper is not None:
-                keeper.keep(n, y, None)
+                carried = carry and n > 0 and k0 is not None
+                if carried:
+                    prob.carried_k0.mark(n)
+                keeper.keep(n, y, k0 if carried else None)
             if n and replay is not None:
                 replay.capture(n)
             if prob.callback_step is not None:
                 prob.callback_step(grid[n], y, table.h_at(n))
             if keeper is not None and keeper.tape_now(n):
                 # This step's graph is kept for the backward (the tape checks itself for hidden tensors).
-                tape = build_tape(prob, frame, n, n + 1, y, None, replay=False)
+                tape = build_tape(prob, frame, n, n + 1, y, k0, replay=False)
                 nfe += tape.nfe
                 taped += 1
                 check_tape(prob, tape, prob.params, frame,
@@ -83,13 +89,15 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
                 if prob.measure:
                     tape.nbytes = tape_nbytes(prob, tape)
                     prob.held_graph_bytes += tape.nbytes
-                # A fixed grid's taped step carries no first stage into the next (k0 is None after
-                # it), so its last stage is no root of the VJP: dropped, it is one state less per
+                # An FSAL method's next taped step starts from this one's last stage (a leaf whose
+                # cotangent flows back into this graph), as the untaped forward and the host do.
+                # Otherwise the last stage is no root of the VJP: dropped, it is one state less per
                 # kept graph ("graphs": N states; measured on problem (a), 12.5 MiB of 261 at 50 steps).
-                tape.k_last = None
+                k0 = tape.k_last.detach() if fsal else None
+                if not fsal:
+                    tape.k_last = None
                 keeper.put_tape(n, tape)
                 del tape
-                k0 = None
                 continue
             stage_t, h_n = table[n]
             try:
@@ -107,7 +115,7 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
                 with prob.full_precision():
                     values = outputs.evaluate(entry, sd, outputs.times(entry, t_out, False))
                 outputs.write(sol, entry, [v.detach() for v in values] if watch else values)
-            k0 = ks[-1] if fsal else None
+            k0 = prob.carry_out(ks, h_n) if fsal else None
             y = y_next
     rec = prob.record
     rec.n_steps, rec.n_outputs, rec.forward_nfe = n_steps, t_out.numel(), nfe + prob.nfe_extra
@@ -188,9 +196,11 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
     nfe = 0
     watch = prob.watch
     # A schedule that keeps the forward's graphs ("graphs"): every trial is built with a graph and
-    # the first stage is either a leaf carried from the previous step's last stage or evaluated
-    # inside the trial's graph (so no evaluation is outside a graph the backward reverses).
+    # the first stage is either a leaf carried from the previous step's last stage or evaluated with
+    # a graph where the host evaluates it (FirstStage: f0, after a jump), and every trial of the step
+    # starts from it -- no evaluation the host would not make, none outside a graph the backward reverses.
     taping = keeper is not None and keeper.tape_now(0)
+    first = None
     needs = TimeNeeds(prob.need_grid, prob.need_tout)
     taped = 0
     watch_steps = getattr(controller, "accepted", None)
@@ -202,7 +212,12 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
 
     with prob.autocast():
         k0_token = None
-        if probe:
+        if probe and taping:
+            # (its graph is walked for hidden tensors with the first trial's: check_tape)
+            first = FirstStage(prob, t, y, need_time=needs.need_time, check=_check_velocity)
+            k0 = first.k.detach()
+            nfe += 1
+        elif probe:
             k0 = _probe_first(prob, t, y)
             nfe += 1
             if replay is not None:
@@ -226,7 +241,8 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
                 if taping:
                     if first_next:
                         prob.first_next_steps.add(n)
-                    tape = build_tape(prob, needs, n, n + 1, y, k0 if carried else None, replay=False, points=(t, t1))
+                    tape = build_tape(prob, needs, n, n + 1, y, k0 if carried else None, replay=False, points=(t, t1),
+                                      first=None if carried else first)
                     nfe += tape.nfe
                     y1, ks = tape.y_end.detach(), [k.detach() for k in tape.ks]
                 else:
@@ -299,7 +315,12 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
                 t_next = prob.nudge(t1, math.inf)
                 k0_token = replay.snapshot() if active else None
                 # (taped: evaluated inside the next trial's graph, at the same nudged time)
-                k0, carried = (None, False) if taping else (f_counted(t_next, y1), False)
+                if taping:
+                    first = FirstStage(prob, t1, y1, need_time=needs.need_time, nudge_next=True, check=_check_velocity)
+                    k0, carried = first.k.detach(), False
+                    nfe += 1
+                else:
+                    k0, carried = f_counted(t_next, y1), False
             elif tab.fsal:
                 # f(t1, y1) up to the c == 1 time nudge.  A replayed field's next evaluation would
                 # draw other random numbers: then the value is carried, like a reused last stage.
@@ -307,8 +328,10 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
                 k0, carried = ks[-1], active or taping
             elif controller.reuse_last_stage:
                 k0, carried = ks[-1], True
-            elif taping:
-                k0, carried = None, False  # evaluated inside the next trial's graph
+            elif taping:  # f(t1, y1) where the host evaluates it, with a graph for the next step's trials
+                first = FirstStage(prob, t1, y1, need_time=needs.need_time, check=_check_velocity)
+                k0, carried = first.k.detach(), False
+                nfe += 1
             else:
                 k0_token = replay.snapshot() if active else None
                 k0, carried = f_counted(t1, y1), False
@@ -366,10 +389,40 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
     taping = keeper is not None and keeper.tape_now(0)
     needs = TimeNeeds(prob.need_grid, prob.need_tout)
 
+    # The field is evaluated exactly where torchode evaluates it, with or without a backward to
+    # come (values, random numbers and buffers then do not depend on grad mode): the controller's
+    # start, the FSAL first stage once (then carried, merged with the accept mask), or a non-FSAL
+    # method's first stage at every iteration for every sample.  The first of these evaluations is
+    # the probe: its graph is walked for hidden tensors and it tells whether the field draws random
+    # numbers or writes buffers.
+    first = [probe]
+    # "graphs": the first evaluation, f(t0, y0), with a graph (FirstStage) -- an FSAL method's first
+    # trial starts from it, as torchode's first step does
+    pre = [None]
+
     def f_counted(tt, yy):
         nonlocal nfe
         nfe += 1
+        if first[0] and taping:
+            first[0] = False
+            pre[0] = FirstStage(prob, tt, yy, need_time=needs.need_time, check=_check_velocity)
+            return pre[0].k.detach()
+        if first[0]:
+            first[0] = False
+            # (the controller may pass the host's start time, which can require grad: the time
+            # gradients come from the adjoint's grid, the probe only looks at the field)
+            k = _probe_first(prob, tt.detach(), yy)
+            if replay is not None and not replaying:
+                replay.detect()
+            return k
         return _check_velocity(prob.f(tt, yy), yy, tt).to(state_dtype)
+
+    def snapshot():
+        """What the field sees before its next evaluation (for the replay of a recomputation);
+        ``"start"`` before the first (whether the field needs replaying is known only after it)."""
+        if replay is None:
+            return None
+        return "start" if first[0] else replay.snapshot()
 
     with prob.autocast():
         y = y0.detach().to(state_dtype)
@@ -379,18 +432,16 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
         t_min, t_max = torch.minimum(ts, te), torch.maximum(ts, te)
         outputs.start_incremental(ts)
         sol = outputs.allocate(y, policy.output)
-        k_first = None
-        if probe:
-            k_first = _probe_first(prob, t, y)  # reused as the first stage below
-            nfe += 1
-            if replay is not None and not replaying:
-                replay.detect()
-        # A replayed field evaluates every iteration's first stage afresh, after that iteration's
-        # generator state was kept: a reused stage would carry random numbers of another iteration.
-        active = replay is not None and replay.active
+        fsal = tableau.fsal
+        k0_token = snapshot()
         dt, k0 = controller.start(f_counted, t, y, dt0)
-        if k0 is None:
-            k0 = k_first if k_first is not None else f_counted(t, y)
+        if not fsal:
+            k0 = None  # evaluated at each iteration's start
+        elif k0 is None:
+            k0_token = snapshot()
+            k0 = f_counted(t, y)
+        # (the controller's f0 is the field's first evaluation: k0_token is the start's)
+        carried = False  # does this iteration start from the previous one's merged last stage?
         clamped = torch.clamp(dt, t_min - t, t_max - t)
         # A step clamped to the end of its span lands on t_end: that point (and every later one of
         # the sample) moves with t_end, the others with t_start (step sizes are constants).
@@ -413,16 +464,23 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
             if max_steps is not None and int(n_steps.max()) >= max_steps:
                 status = torch.where(running, 3, status)  # torchode's REACHED_MAX_STEPS
                 break
+            active = replay is not None and replay.active
+            if not fsal:
+                k0_token = snapshot()
+                k0 = None if taping else f_counted(t, y)  # (taped: evaluated inside the trial's graph)
+                active = replay is not None and replay.active
             if active:
                 replay.capture(n)
-                k0 = f_counted(t, y)
             h_state = prob.h_for_state(dt, y)
             failure = failed = tape = None
             try:
                 if taping:
                     # the step's end times as the adjoint's grid will hold them (t + dt), so the
                     # taped step is the one the backward's grid describes
-                    tape = build_tape(prob, needs, n, n + 1, y, None, replay=False, points=(t, t + dt))
+                    # (an FSAL method's first iteration starts from f0, evaluated with a graph)
+                    pre_n = pre[0] if n == 0 and fsal and pre[0] is not None and pre[0].y_leaf.shape == y.shape else None
+                    tape = build_tape(prob, needs, n, n + 1, y, k0 if carried else None, replay=False,
+                                      points=(t, t + dt), first=pre_n)
                     y1, ks = tape.y_end.detach(), [k.detach() for k in tape.ks]
                 else:
                     y1, ks = prob.step(y, prob.stage_times(t, t + dt, dt), h_state, k0)
@@ -464,11 +522,15 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
             anchored = anchored | (will_anchor & to_update)
             mask = to_update.reshape(-1, *([1] * (y.ndim - 1)))
             if taping:
-                tape, extra = _mask_tape(prob, needs, n, tape, mask, y, y1, err, t, t_new)
+                tape, extra = _mask_tape(prob, needs, n, tape, mask, y, y1, err, t, t_new, k0 if carried else None)
                 nfe += extra
                 check_tape(prob, tape, prob.params, needs, lambda: " (at iteration 0)")  # (the first only)
             if probe:  # without a backward to come nothing is kept
-                keeper.keep(n, y, None)
+                if carried:
+                    prob.carried_k0.mark(n)
+                keeper.keep(n, y, k0 if carried else None)
+                if not carried and active and k0_token is not None:
+                    replay.put((n, "k0"), replay.start_token() if k0_token == "start" else k0_token)
                 grid.append(t_new)
                 anchors.append(anchored)
             entry = outputs.assign(n, t, t_new, direction)
@@ -488,10 +550,14 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                 tape = None
                 taped += 1
             y = torch.where(mask, y1, y)
-            if taping:
-                k0 = None  # evaluated inside the next iteration's graph
-            elif not active:  # (a replayed iteration evaluates its first stage itself, above)
-                k0 = torch.where(mask, ks[-1] if tableau.fsal else f_counted(t_new, y), k0)
+            if fsal and ks[0] is not None:
+                # torchode's FSAL merge: a sample that moved starts from its last stage, the others
+                # keep theirs.  Carried through the adjoint (the next tape's first-stage leaf, its
+                # cotangent to this step's merged last stage) unless every sample moved: then the
+                # value is f(t_new, y_new) of the whole batch, which a recomputation gives again.
+                k0 = torch.where(mask, ks[-1], ks[0])
+                carried = probe and (active or taping or not bool(mask.all()))
+                k0_token = None
             t = t_new
             n_steps += running
             n_accepted += to_update
@@ -529,7 +595,7 @@ def _keep_trial_tape(prob, keeper, n, tape) -> None:
     keeper.put_tape(n, tape)
 
 
-def _mask_tape(prob, needs, n, tape, mask, y, y1, err, t, t_new):
+def _mask_tape(prob, needs, n, tape, mask, y, y1, err, t, t_new, k0=None):
     """Iteration ``n``'s taped trial made the step the adjoint's grid describes: the rows of the
     samples that did not move (rejected, or already finished) become the identity,
     ``y_end = where(moved, y_end, y)`` -- what "steps" rebuilds for them with ``h = 0``.
@@ -542,8 +608,10 @@ def _mask_tape(prob, needs, n, tape, mask, y, y1, err, t, t_new):
     if tape is not None and bool(torch.isfinite(y1).all() & torch.isfinite(err).all()):
         with torch.enable_grad():
             tape.y_end = torch.where(mask, tape.y_end, tape.y_leaf)
+            # the first stage the next iteration starts from (FSAL): merged with the same mask
+            tape.k_last = torch.where(mask, tape.ks[-1], tape.ks[0])
         return tape, 0
-    tape = build_tape(prob, needs, n, n + 1, y, None, replay=False, points=(t, t_new))
+    tape = build_tape(prob, needs, n, n + 1, y, k0, replay=False, points=(t, t_new))
     return tape, tape.nfe
 
 

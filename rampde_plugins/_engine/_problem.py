@@ -157,6 +157,14 @@ class _Problem:
         h = h.to(self.policy.state_dtype)
         return h.reshape(*h.shape, *([1] * (y.ndim - 1))) if self.per_sample else h
 
+    def carry_out(self, ks: list, h) -> torch.Tensor:
+        """The first stage a carried next step starts from: this step's last stage -- per sample,
+        only where the sample moved (``h != 0``); a sample that did not move keeps the first stage
+        it started this step with, as torchode merges its FSAL state with the accept mask."""
+        if not self.per_sample or not isinstance(h, torch.Tensor):
+            return ks[-1]
+        return torch.where(h != 0, ks[-1], ks[0])
+
     def step(self, y: torch.Tensor, times, h, k0: torch.Tensor | None = None, f=None):
         """One RK step from ``y`` (state dtype): returns (y_next, stage values).
 

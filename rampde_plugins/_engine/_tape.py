@@ -8,6 +8,8 @@ same function whichever schedule ran.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._probe import sequence_mark
@@ -29,6 +31,31 @@ class Frame:
         self.need_time = self.need_grid or self.need_tout
 
 
+class FirstStage:
+    """A step's first stage evaluated with a graph *before* the step is tried (``"graphs"`` on
+    adaptive steps): the value the controller needs before it proposes a step (torchdiffeq's and
+    torchode's ``f0``, or the first stage after a jump), evaluated once, as the host evaluates it,
+    and reused by every trial of the step -- a trial's tape starts from these leaves and this value
+    instead of evaluating the stage again (which would be an evaluation the host does not make:
+    another BatchNorm update, other dropout masks)."""
+
+    __slots__ = ("y_leaf", "t_leaf", "k", "mark")
+
+    def __init__(self, prob, t, y, *, need_time: bool, nudge_next: bool = False, check=None):
+        self.mark = sequence_mark()
+        state_dtype = prob.policy.state_dtype
+        with torch.enable_grad(), prob.graph_autocast():
+            self.y_leaf = y.detach().to(state_dtype).requires_grad_(True)
+            self.t_leaf = t.detach().clone().requires_grad_(True) if need_time else None
+            ti = self.t_leaf if need_time else t.detach()
+            if nudge_next:  # the first stage past a discontinuity: on its far side (a constant nudge)
+                ti = ti + (prob.nudge(ti, math.inf) - ti).detach()
+            k = prob.f(ti, self.y_leaf)
+            if check is not None:
+                k = check(k, self.y_leaf, ti)
+            self.k = k.to(state_dtype)
+
+
 class Tape:
     """Steps ``n0 .. n1-1`` with a graph: leaves (state, carried first stage, time points), the end state
     ``y_end``, the last stage ``k_last`` (the root of a carried first stage of step ``n1``) and the
@@ -43,7 +70,7 @@ class Tape:
 
 
 def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bool, points=None,
-               stored=None) -> Tape:
+               stored=None, first: FirstStage | None = None) -> Tape:
     """Steps ``n0 .. n1-1`` from state ``y`` (and carried first stage ``k0`` of step n0, or None).
 
     ``stored``: ``stored(n) -> (state, carried first stage or None)`` kept for each step: every step
@@ -56,24 +83,29 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
     grid is not known yet (``frame`` then only says which time gradients are needed, a
     :class:`TimeNeeds`); the trial's stage values stay in ``tape.ks`` for its error estimate and
     the outputs evaluated once it is accepted (:func:`add_tape_outputs`), until the driver drops them.
+    ``first``: step n0's first stage, already evaluated with a graph (:class:`FirstStage`); the tape
+    starts from its leaves.
     """
     state_dtype = prob.policy.state_dtype
     outputs, tab = prob.outputs, prob.tableau
     rp = prob.replay if replay and prob.replay is not None and prob.replay.active else None
     tape = Tape()
     tape.n0, tape.n1, tape.nfe, tape.checked, tape.nbytes = n0, n1, 0, False, 0
-    tape.mark = sequence_mark()  # autograd nodes numbered below were created before this tape
+    # autograd nodes numbered below were created before this tape (or its pre-evaluated first stage)
+    tape.mark = first.mark if first is not None else sequence_mark()
     keep_ys = prob.callback_step_adjoint is not None or prob.callback_accept_step_adjoint is not None
     stages = _stagewise(prob)
     step_casts = None if stages else _step_cast_dtype(prob)
     with torch.enable_grad(), prob.graph_autocast():
-        y_leaf = y.detach().to(state_dtype).requires_grad_(True)
-        k0_leaf = None if k0 is None else k0.detach().to(state_dtype).requires_grad_(True)
+        y_leaf = first.y_leaf if first is not None else y.detach().to(state_dtype).requires_grad_(True)
+        k0_leaf = None if k0 is None or first is not None else k0.detach().to(state_dtype).requires_grad_(True)
         pts = None
         if frame.need_time:
             src = points if points is not None else [frame.grid[m] for m in range(n0, n1 + 1)]
             pts = [p.detach().clone().requires_grad_(True) for p in src]
-        cur, k, ks, outs, ys = y_leaf, k0_leaf, None, [], []
+            if first is not None:
+                pts[0] = first.t_leaf
+        cur, k, ks, outs, ys = y_leaf, (first.k if first is not None else k0_leaf), None, [], []
         fresh = True  # no buffer restored yet in this tape
         for n in range(n0, n1):
             if frame.need_time:
@@ -97,12 +129,15 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
                     k = _Rebase.apply(k, k_n.to(state_dtype))
             if keep_ys:
                 ys.append(cur.detach())
+            field = stage_field(prob, n, t0, prob.replay) if stages else None
             if rp is not None:
                 if k is None and (n, "k0") in rp.tokens:
-                    # a first stage the forward evaluated before this step's trial (adaptive steps)
+                    # a first stage the forward evaluated before this step's trial (adaptive steps);
+                    # stage-wise, it too is a stage that keeps only its inputs (a graph of its own
+                    # would hold the buffers the later stages write in place)
                     rp.restore((n, "k0"), buffers=fresh)
                     fresh = False
-                    k = prob.f(stage_t[0], cur).to(state_dtype)
+                    k = (field or prob.f)(stage_t[0], cur).to(state_dtype)
                     tape.nfe += 1
                 # Buffers are put back once per tape: after that, the recomputation writes exactly
                 # what the forward wrote, and writing it again in place would invalidate the values
@@ -110,7 +145,7 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
                 rp.restore(n, buffers=fresh)
                 fresh = False
             if stages:
-                y_next, ks = prob.step(cur, stage_t, hs, k, f=stage_field(prob, n, t0, prob.replay))
+                y_next, ks = prob.step(cur, stage_t, hs, k, f=field)
             elif step_casts is None:
                 y_next, ks = prob.step(cur, stage_t, hs, k)
             else:
@@ -123,13 +158,15 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
                 with prob.full_precision():
                     values = outputs.evaluate(entry, sd, t_leaves)
                 outs.append((entry, values, t_leaves))
-            k = ks[-1] if n + 1 < n1 and prob.carried_k0.carries(n + 1) else None
+            # (formed here, in grad mode: the carried stage is a root of the VJP)
+            k_last = prob.carry_out(ks, hs)
+            k = k_last if n + 1 < n1 and prob.carried_k0.carries(n + 1) else None
             cur = y_next
     tape.y_leaf, tape.k0_leaf, tape.pts = y_leaf, k0_leaf, pts
     # A tape kept until the backward ("graphs") keeps what it holds alive that long: an empty tuple
     # instead of an empty list is one Python object fewer per step for the garbage collector to
     # carry into its oldest generation (an adaptive trial's list stays: outputs are added to it).
-    tape.y_end, tape.k_last = cur, ks[-1]
+    tape.y_end, tape.k_last = cur, k_last
     tape.outs = outs if outs or points is not None else ()
     tape.ys = ys if keep_ys else ()
     tape.ks = ks if points is not None else None
