@@ -98,12 +98,14 @@ class GraphCheck:
                     stack.append(nxt)
         return refs, outside
 
-    def raise_if_hidden(self, refs, outside, where="") -> None:
+    def raise_if_hidden(self, refs, outside, where="", internal=None) -> None:
         """Raise the hidden-tensor error for what is still alive (call after dropping the graph).
 
         ``where``: a string, or a callable making it -- called only to raise, so that a per-step
-        caller does not format (and synchronise on) a time it will almost never print."""
-        hidden = [v for v in (r() for r in refs) if v is not None]
+        caller does not format (and synchronise on) a time it will almost never print.
+        ``internal``: ``internal(leaf) -> bool``, leaves the field created itself (seen by a
+        :class:`rampde_plugins._watch.FieldWatch`): alive only because a kept graph holds them."""
+        hidden = [v for v in (r() for r in refs) if v is not None and not (internal is not None and internal(v))]
         if not (outside or hidden):
             return
         if callable(where):

@@ -89,6 +89,20 @@ class StepReplay:
         # begins to write its buffers after the first evaluation); one copy per solve, of buffers only.
         self._s0, self._b0, self._v0 = self._snapshot()
 
+    def adopt(self, written) -> None:
+        """Replay tensors the field was seen writing in place besides the module buffers (a plain
+        closure's BatchNorm, a counter): ``written`` is [(tensor, its value before the first write)]
+        (see :class:`rampde_plugins._watch.FieldWatch`).  Call before :meth:`detect`."""
+        ids = {id(b) for b in self.buffers}
+        for tensor, before in written:
+            if id(tensor) in ids:
+                continue
+            ids.add(id(tensor))
+            self.buffers.append(tensor)
+            if self._b0 is not None:
+                self._b0.append(before)
+                self._v0.append(-1)  # written since the start, whatever its version counter says
+
     def detect(self) -> bool:
         """After the first evaluation: does the field draw random numbers or write buffers?"""
         self.rng = not self._same_rng(self._rng_state(), self._s0)

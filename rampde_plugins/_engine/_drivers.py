@@ -214,7 +214,7 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
         k0_token = None
         if probe and taping:
             # (its graph is walked for hidden tensors with the first trial's: check_tape)
-            first = FirstStage(prob, t, y, need_time=needs.need_time, check=_check_velocity)
+            first = FirstStage(prob, t, y, need_time=needs.need_time, check=_check_velocity, watch=True)
             k0 = first.k.detach()
             nfe += 1
         elif probe:
@@ -405,7 +405,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
         nfe += 1
         if first[0] and taping:
             first[0] = False
-            pre[0] = FirstStage(prob, tt, yy, need_time=needs.need_time, check=_check_velocity)
+            pre[0] = FirstStage(prob, tt, yy, need_time=needs.need_time, check=_check_velocity, watch=True)
             return pre[0].k.detach()
         if first[0]:
             first[0] = False

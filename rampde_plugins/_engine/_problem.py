@@ -13,6 +13,7 @@ from .._probe import GraphCheck, sequence_mark
 from .._replay import StepReplay
 from .._scaler import AdjointScaler
 from .._storage import ChunkedStore
+from .._watch import FieldWatch
 from .._tableau import ButcherTableau
 from ._steppers import _axpy, _bad_velocity, _check_velocity
 
@@ -66,6 +67,9 @@ class _Problem:
     # the dtype the field receives its time in, if narrower than the engine's (torchdiffeq: float32
     # for a float32 state while its controller runs in float64): time nudges are taken there
     nudge_dtype: torch.dtype | None = None
+    # storages the field created in the forward's first taped step (FieldWatch): leaves among them
+    # are the field's own (a CNF's t.requires_grad_()), not hidden tensors, though a kept graph holds them
+    created_inside: set = field(default_factory=set)
 
     def nudge(self, t: torch.Tensor, toward: float) -> torch.Tensor:
         """The next representable time after (``toward=inf``) or before ``t`` *as the field sees it*:
@@ -238,11 +242,20 @@ class _CarriedSteps:
 
 
 def _probe_first(prob: _Problem, t_first, y):
-    """The field's first evaluation, with a graph, checked for hidden tensors; reused as a stage."""
+    """The field's first evaluation, with a graph, checked for hidden tensors; reused as a stage.
+
+    It is watched below autograd (:class:`FieldWatch`): tensors it writes in place that are not
+    module buffers (a closure's BatchNorm, a counter) join the replay record, so that recomputed
+    steps put them back exactly as module buffers are."""
     mark = sequence_mark()
+    replay = prob.replay
+    watch = FieldWatch((y, t_first), replay.buffers if replay is not None else ())
     with torch.enable_grad():
-        k0 = _check_velocity(prob.f(t_first, y), y, t_first)
+        with watch:
+            k0 = _check_velocity(prob.f(t_first, y), y, t_first)
         refs, outside = prob.check.scan([k0], (y, t_first), mark)
+    if replay is not None:
+        replay.adopt(watch.external_writes())
     k0 = k0.detach().to(prob.policy.state_dtype)  # drops the probe's graph before the liveness check
     prob.check.raise_if_hidden(refs, outside)
     return k0

@@ -8,11 +8,13 @@ same function whichever schedule ran.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 from .._probe import sequence_mark
+from .._watch import FieldWatch, storage_key
 from ._stagewise import stage_field
 from ._steppers import StepData
 from ._times import _StepTable
@@ -41,10 +43,11 @@ class FirstStage:
 
     __slots__ = ("y_leaf", "t_leaf", "k", "mark")
 
-    def __init__(self, prob, t, y, *, need_time: bool, nudge_next: bool = False, check=None):
+    def __init__(self, prob, t, y, *, need_time: bool, nudge_next: bool = False, check=None, watch: bool = False):
         self.mark = sequence_mark()
         state_dtype = prob.policy.state_dtype
-        with torch.enable_grad(), prob.graph_autocast():
+        seen = FieldWatch((y, t)) if watch else contextlib.nullcontext()
+        with torch.enable_grad(), prob.graph_autocast(), seen:
             self.y_leaf = y.detach().to(state_dtype).requires_grad_(True)
             self.t_leaf = t.detach().clone().requires_grad_(True) if need_time else None
             ti = self.t_leaf if need_time else t.detach()
@@ -54,6 +57,8 @@ class FirstStage:
             if check is not None:
                 k = check(k, self.y_leaf, ti)
             self.k = k.to(state_dtype)
+        if watch:
+            prob.created_inside |= seen.created
 
 
 class Tape:
@@ -96,7 +101,9 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
     keep_ys = prob.callback_step_adjoint is not None or prob.callback_accept_step_adjoint is not None
     stages = _stagewise(prob)
     step_casts = None if stages else _step_cast_dtype(prob)
-    with torch.enable_grad(), prob.graph_autocast():
+    # the forward's first taped step is watched: leaves the field creates are its own (check_tape)
+    seen = FieldWatch((y,)) if not replay and n0 == 0 else contextlib.nullcontext()
+    with torch.enable_grad(), prob.graph_autocast(), seen:
         y_leaf = first.y_leaf if first is not None else y.detach().to(state_dtype).requires_grad_(True)
         k0_leaf = None if k0 is None or first is not None else k0.detach().to(state_dtype).requires_grad_(True)
         pts = None
@@ -162,6 +169,8 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
             k_last = prob.carry_out(ks, hs)
             k = k_last if n + 1 < n1 and prob.carried_k0.carries(n + 1) else None
             cur = y_next
+    if isinstance(seen, FieldWatch):
+        prob.created_inside |= seen.created
     tape.y_leaf, tape.k0_leaf, tape.pts = y_leaf, k0_leaf, pts
     # A tape kept until the backward ("graphs") keeps what it holds alive that long: an empty tuple
     # instead of an empty list is one Python object fewer per step for the garbage collector to
@@ -312,5 +321,5 @@ def check_tape(prob, tape: Tape, diff_params, frame: Frame, where) -> None:
     roots, _ = tape_roots(tape, None, None, None, prob.outputs)
     refs, outside = prob.check.scan(roots, tape_inputs(tape, diff_params, frame), tape.mark)
     del roots
-    prob.check.raise_if_hidden(refs, outside, where)
+    prob.check.raise_if_hidden(refs, outside, where, internal=lambda v: storage_key(v) in prob.created_inside)
     tape.checked = True
