@@ -60,6 +60,7 @@ from ._engine import (
 )
 from ._policy import SCALING_MODES, PrecisionPolicy, RampdeToleranceWarning, ScalerConfig, check_tolerance
 from ._scaler import AdjointScaler
+from ._solve import solve
 from ._stats import SolveStats, StatsCollector, collect_stats
 from ._tableau import BUILTIN_TABLEAUS, ButcherTableau
 from ._wong_zakai import KarhunenLoeveNoise, WongZakaiField, noise_channels, wong_zakai_variance_deficit
@@ -118,6 +119,7 @@ __all__ = [
     "noise_channels",
     "register_plugin",
     "resolve_policy",
+    "solve",
     "solve_adaptive",
     "solve_batched",
     "solve_batched_adaptive",

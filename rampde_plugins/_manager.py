@@ -146,25 +146,49 @@ class _Registrar:
         self._registry._add(self._registry._adapters, "adapter", adapter.name, adapter, self.plugin)
 
 
-#: Plugins shipped with rampde-plugins: a clash between one of these and a third-party plugin is
-#: blamed on the third-party plugin, which is the one skipped.
-OWN_PLUGINS = frozenset({BUILTIN_PLUGIN_NAME, "torchdiffeq", "torchode"})
-
-
 def _culprit(existing: str, new: str) -> str:
-    return existing if new in OWN_PLUGINS and existing not in OWN_PLUGINS else new
+    """Which of two clashing plugins is at fault: the third-party one when the other is our own."""
+    own = own_plugins()
+    return existing if new in own and existing not in own else new
 
 
-def _entry_points():
-    """(distribution name and version, entry point) of the rampde_plugins group, in discovery order."""
+def _entry_points(with_dist: bool = False):
+    """(distribution name and version, entry point) of the rampde_plugins group, in discovery order;
+    ``with_dist``: (distribution name, its name and version, entry point)."""
     import importlib.metadata
 
     found = []
     for dist in list(importlib.metadata.distributions()):
         for ep in dist.entry_points:
             if ep.group == ENTRY_POINT_GROUP:
-                found.append((f"{dist.metadata['name']} {dist.version}", ep))
+                label = f"{dist.metadata['name']} {dist.version}"
+                found.append((dist.metadata["name"], label, ep) if with_dist else (label, ep))
     return found
+
+
+def _normalized(name) -> str:
+    return str(name or "").replace("_", "-").replace(".", "-").lower()
+
+
+def _own_distributions() -> frozenset:
+    """The distribution(s) this package is installed from, read from the installed metadata."""
+    import importlib.metadata
+
+    try:
+        names = importlib.metadata.packages_distributions().get(__name__.split(".")[0], [])
+    except Exception:  # noqa: BLE001 -- unreadable metadata: no distribution is ours
+        names = []
+    return frozenset(_normalized(n) for n in names)
+
+
+def own_plugins() -> frozenset:
+    """The plugins shipped with rampde-plugins: the built-ins and the entry points of the
+    ``rampde_plugins`` group that the distribution installing this package declares (found there, as
+    any third party's are, never from a list kept here).  A clash between one of these and a
+    third-party plugin is blamed on the third-party plugin, which is the one skipped."""
+    own = _own_distributions()
+    return frozenset({BUILTIN_PLUGIN_NAME} | {ep.name for dist, _, ep in _entry_points(with_dist=True)
+                                              if _normalized(dist) in own})
 
 
 def _skip(pm, name: str, where: str, exc: BaseException) -> None:
@@ -209,7 +233,7 @@ def make_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
             break
         except (RampdePluginError, TypeError, ValueError) as exc:
             culprit = getattr(exc, "plugin", None)
-            if culprit not in origin or culprit in OWN_PLUGINS:
+            if culprit not in origin or culprit in own_plugins():
                 raise
             _skip(pm, culprit, origin[culprit], exc)
     return pm
@@ -337,19 +361,49 @@ def unregister_plugin(plugin=None, name: str | None = None) -> None:
     _swap_registry(mutate, lambda pm: pm.register(holder["plugin"], name=holder["name"]))
 
 
-def _load_own_adapters(names) -> None:
-    """With autoload disabled, the project's own adapter plugins are loaded on demand by install()."""
+def _load_entry_points(names) -> None:
+    """With autoload disabled, :func:`install` loads entry points on demand: the named ones (any
+    distribution's, found in the ``rampde_plugins`` group as at autoload), or all of this package's own
+    when none are named.  An entry point that fails to load or to register is reported by name (a
+    ``RampdePluginError`` when it was named, a ``RampdePluginWarning`` otherwise) and nothing of it stays."""
     if not autoload_disabled():
         return
     pm = get_plugin_manager()
-    wanted = [n for n in (names or OWN_PLUGINS - {BUILTIN_PLUGIN_NAME}) if n in OWN_PLUGINS and n != BUILTIN_PLUGIN_NAME]
-    missing = [n for n in sorted(wanted) if pm.get_plugin(n) is None]
-    for name in missing:
-        def mutate(pm, name=name):
-            if not pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name):
-                raise ValueError(f"adapter {name!r}: no entry point {name!r} in group {ENTRY_POINT_GROUP!r} (is rampde-plugins installed?)")
+    found = _entry_points(with_dist=True)
+    if names:
+        candidates = [(label, ep) for _, label, ep in found if ep.name in names]
+    else:
+        own = _own_distributions()
+        candidates = [(label, ep) for dist, label, ep in found if _normalized(dist) in own]
+    done = set()
+    for label, ep in candidates:
+        name = ep.name
+        if name in done or pm.get_plugin(name) is not None or pm.is_blocked(name):
+            continue
+        done.add(name)
+        where = f"entry point {name!r} of {label}"
 
-        _swap_registry(mutate, lambda pm, name=name: pm.unregister(name=name))
+        def mutate(pm, name=name):
+            try:
+                pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+                pm.check_pending()
+            except BaseException:
+                if pm.get_plugin(name) is not None:
+                    pm.unregister(name=name)
+                raise
+
+        try:
+            _swap_registry(mutate, lambda pm, name=name: pm.get_plugin(name) is not None and pm.unregister(name=name))
+        except Exception as exc:  # noqa: BLE001 -- any failure of a plugin's code is reported with its name
+            if names:
+                raise RampdePluginError(
+                    f"rampde_plugins.install({name!r}): plugin {name!r} ({where}) is broken: {type(exc).__name__}: {exc}",
+                    name,
+                ) from exc
+            warnings.warn(
+                f"rampde_plugins: plugin {name!r} ({where}) is broken and was not loaded: {type(exc).__name__}: {exc}",
+                RampdePluginWarning, stacklevel=4,
+            )
 
 
 def _select_adapters(names):
@@ -359,7 +413,11 @@ def _select_adapters(names):
     chosen = []
     for n in names:
         if n not in registry.adapters:
-            raise ValueError(f"unknown adapter {n!r}; registered adapters: {', '.join(sorted(registry.adapters)) or 'none'}")
+            entry_points = sorted({ep.name for _, ep in _entry_points()})
+            raise ValueError(
+                f"unknown adapter {n!r}; registered adapters: {', '.join(sorted(registry.adapters)) or 'none'}; "
+                f"entry points in group {ENTRY_POINT_GROUP!r}: {', '.join(entry_points) or 'none'}"
+            )
         chosen.append(registry.adapters[n])
     return registry, chosen
 
@@ -367,16 +425,18 @@ def _select_adapters(names):
 def install(*names: str) -> list[str]:
     """Install the named adapters (all whose host is importable, if none are named); idempotent.
 
-    With ``RAMPDE_PLUGINS_DISABLE_AUTOLOAD`` set, this is how the project's own adapters are turned
-    on: their entry points (``torchdiffeq``, ``torchode``) are loaded first.  Third-party entry
-    points stay unloaded.
+    With ``RAMPDE_PLUGINS_DISABLE_AUTOLOAD`` set, this is how adapters are turned on: the entry points
+    of the ``rampde_plugins`` group with the given names are loaded first (whichever distribution
+    declares them, the project's own ``torchdiffeq``, ``torchode`` and ``torchsde`` or a third party's);
+    with no names, those of this project.  Other entry points stay unloaded.
 
     Raises :class:`rampde_plugins.UnsupportedHostError` if a named adapter's host lacks a
-    capability, or ``ValueError`` for an unknown name or a host that is not installed.
+    capability, ``ValueError`` for an unknown name or a host that is not installed, or
+    ``RampdePluginError`` (a ``ValueError``) naming a named entry point that fails to load.
     Returns the names installed.
     """
     with _state.lock:
-        _load_own_adapters(names)
+        _load_entry_points(names)
         registry, adapters = _select_adapters(names)
         done = []
         for adapter in adapters:

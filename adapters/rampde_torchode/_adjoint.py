@@ -11,6 +11,7 @@ output; ``Solution(ts, ys, stats, status)``.  The time grid is built with torcho
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 from torchode import status_codes
@@ -337,7 +338,7 @@ class RampdeAdjoint(torch.nn.Module):
             empty = torch.zeros(0, dtype=torch.long, device=y0.device)
             stats = {"n_f_evals": empty, "n_steps": empty, "n_accepted": empty, "n_initialized": empty, "rampde": None}
             return Solution(ts=t_eval, ys=ys, stats=stats, status=empty)
-        f = term.f if not term.with_args else functools.partial(_with_args, term.f, args)
+        f = term_field(term, args, problem)
         common = dict(newton=self.newton,
             tableau=tableau, policy=policy, params=solve_params(self.params, term, args),
             buffers=tuple(term.buffers()), scaler=self.scaler, param_hint=PARAM_HINT, checkpoint=self.checkpoint,
@@ -438,3 +439,25 @@ def solve_params(given, term, args) -> tuple:
 
 def _with_args(f, args, t, y):
     return f(t, y, args)
+
+
+def term_field(term, args, problem) -> Callable:
+    """The field ``f(t, y)`` the engine evaluates for torchode's ``term``.
+
+    torchode's own solvers evaluate ``term.vf(t, y, stats, args)``, so a term class that overrides
+    ``vf`` (an ``ODETerm`` subclass that rescales, counts or reads ``args`` there) is called through it,
+    with a ``stats`` dict of its own (``term.init(problem, stats)`` fills in what torchode's ``vf``
+    counts).  ``ODETerm``'s own ``vf`` only counts evaluations and calls ``term.f`` -- with ``args`` when
+    ``with_args`` -- which the engine then calls directly (its statistics count the evaluations)."""
+    vf = getattr(type(term), "vf", None)
+    if vf is ODETerm.vf or not callable(vf):
+        return term.f if not term.with_args else functools.partial(_with_args, term.f, args)
+    stats: dict = {}
+    init = getattr(term, "init", None)
+    if callable(init):
+        init(problem, stats)
+    return functools.partial(_vf, term.vf, stats, args)
+
+
+def _vf(vf, stats, args, t, y):
+    return vf(t, y, stats, args)  # torchode's convention (0.2.0 to 1.0.x)

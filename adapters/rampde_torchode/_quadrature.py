@@ -16,8 +16,6 @@ is None) are those of the continuous problem.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torchode.problems import InitialValueProblem
 from torchode.solution import Solution
@@ -33,9 +31,28 @@ from rampde_plugins import (
     solve_quadrature,
 )
 
-from ._adjoint import RampdeAdjoint, _with_args, solve_params, tableau_of
+from ._adjoint import RampdeAdjoint, solve_params, tableau_of, term_field
 
 PARAM_HINT = "pass them explicitly: QuadratureAdjoint(term, step_method, controller, params=(A, b))"
+
+_SECOND_ORDER = (
+    "QuadratureAdjoint (solve_ivp(..., adjoint='quadrature')) runs rampde's Gauss--Legendre quadrature adjoint, "
+    "which provides first-order gradients only (its backward integrates the state and its adjoint without a "
+    "graph of its own), so create_graph=True (a second derivative) through it is not available. For "
+    "Hessian-vector products or gradient penalties use torchode's AutoDiffAdjoint with torchode's own step method "
+    "(e.g. Dopri5 or Tsit5), which backpropagates through the steps with autograd."
+)
+
+
+def _first_order_only(out: torch.Tensor) -> None:
+    """Refuse ``create_graph=True`` through ``out`` naming this adjoint (before its backward runs)."""
+    node = out.grad_fn
+    if node is not None:
+        def refuse(grad_outputs):
+            if torch.is_grad_enabled():
+                raise RuntimeError(_SECOND_ORDER)
+
+        node.register_prehook(refuse)
 
 
 class QuadratureAdjoint(torch.nn.Module):
@@ -112,7 +129,7 @@ class QuadratureAdjoint(torch.nn.Module):
         time_dtype = t_start.dtype
         if backward_dt0 is None and dt0 is not None:
             backward_dt0 = -torch.as_tensor(dt0, dtype=time_dtype, device=y0.device)
-        f = term.f if not term.with_args else functools.partial(_with_args, term.f, args)
+        f = term_field(term, args, problem)
         params = solve_params(self.params, term, args)
         held = {}
 
@@ -153,6 +170,7 @@ class QuadratureAdjoint(torch.nn.Module):
         times = torch.cat([t_start[None], t_eval.transpose(0, 1)])  # (1 + n_eval, batch), time-major
         out = solve_quadrature(qp, y0, times, owner="QuadratureAdjoint",
                                instead="RampdeAdjoint (solve_ivp's default adjoint for rampde methods)")
+        _first_order_only(out)
         sol = held["solution"]
         stats = dict(sol.stats)
         stats["rampde"] = qp.record

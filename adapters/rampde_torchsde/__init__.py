@@ -18,7 +18,7 @@ from rampde_plugins import HostAdapter, hookimpl
 __all__ = ["TorchsdeAdapter", "sdeint", "WONG_ZAKAI_DEFAULT_TERMS"]
 
 
-def __getattr__(name):  # lazy: torchdiffeq (the ODE front end) is imported only when sdeint is used
+def __getattr__(name):  # lazy: the SDE front end is imported only when sdeint is used
     if name in ("sdeint", "WONG_ZAKAI_DEFAULT_TERMS"):
         from . import _sdeint
 

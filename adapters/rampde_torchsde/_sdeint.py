@@ -1,8 +1,10 @@
 """``sdeint`` with torchsde's conventions, solved as the Wong--Zakai ODE on the rampde engine.
 
-The ODE goes through ``torchdiffeq.odeint`` (a dependency of rampde-plugins, where every rampde
-method, option, checkpoint schedule and precision policy already lives) -- ``odeint_adjoint`` for the
-quadrature adjoint.  Only public APIs are used: torchdiffeq's front end and ``rampde_plugins``.
+The ODE goes through :func:`rampde_plugins.solve`, the host-neutral entry of the core (where every
+rampde method, checkpoint schedule and precision policy lives, and both adjoints) -- so this adapter
+needs no other adapter and no other host library: it works with torchdiffeq uninstalled from the
+registry or not installed at all.  Only public APIs are used: ``rampde_plugins`` and torchsde's
+protocol for the SDE object.
 """
 
 from __future__ import annotations
@@ -11,9 +13,17 @@ import math
 
 import torch
 
-from rampde_plugins import KarhunenLoeveNoise, WongZakaiField, collect_stats, get_registry, noise_channels
+from rampde_plugins import (
+    QUADRATURE_OPTIONS,
+    KarhunenLoeveNoise,
+    WongZakaiField,
+    collect_stats,
+    get_registry,
+    noise_channels,
+    solve,
+)
 
-__all__ = ["sdeint", "WONG_ZAKAI_DEFAULT_TERMS", "ADJOINTS"]
+__all__ = ["sdeint", "WONG_ZAKAI_DEFAULT_TERMS", "ADJOINTS", "OPTIONS"]
 
 #: K when ``n_terms`` is not given: the variance deficit 2c/(pi^2 K) is 0.3% of the interval's length c.
 WONG_ZAKAI_DEFAULT_TERMS = 64
@@ -23,6 +33,14 @@ ADJOINTS = ("discrete", "quadrature")
 #: pi / w_K = c / (K - 1/2).  rk4's local error on cos(w t) is ~(w h)^5 / 120: with 8 steps per half
 #: period (w h = pi / 8) the path itself is integrated to ~1e-4 relative per half period.
 _STEPS_PER_HALF_PERIOD = 8
+
+#: ``options=`` keys and the :func:`rampde_plugins.solve` argument each one sets.
+OPTIONS = {
+    "precision": "precision", "checkpoint": "checkpoint", "memory_budget": "memory_budget", "scaler": "scaler",
+    "newton": "newton", "linear_solver": "linear_solver", "adjoint_params": "params", "interp": "interp",
+    "perturb": "perturb", "first_step": "first_step", "min_step": "min_step", "max_step": "max_step",
+    "safety": "safety", "ifactor": "ifactor", "dfactor": "dfactor", "max_num_steps": "max_num_steps",
+}
 
 
 def _method_name(method, owner: str) -> str:
@@ -48,24 +66,24 @@ def _times(ts, y0: torch.Tensor, owner: str) -> torch.Tensor:
     return ts
 
 
-def _subdivided_grid(max_step: float):
-    """A grid_constructor: every output interval cut into equal steps no longer than ``max_step``.
+def _subdivided_grid(t: torch.Tensor, max_step: float) -> torch.Tensor:
+    """Every output interval of ``t`` cut into equal steps no longer than ``max_step``.
 
-    The outputs are grid points, so no output is interpolated (torchdiffeq's step_size grid would put
-    them between steps and interpolate linearly, a first-order error on a path that oscillates)."""
+    The outputs are grid points, so no output is interpolated (a step_size grid would put them between
+    steps and interpolate linearly, a first-order error on a path that oscillates)."""
+    pieces = [t[:1]]
+    for i in range(t.shape[0] - 1):
+        a, b = t[i], t[i + 1]
+        n = max(1, math.ceil(float(b - a) / max_step - 1e-9))
+        inner = torch.arange(1, n + 1, dtype=t.dtype, device=t.device) / n
+        piece = a + (b - a) * inner
+        piece[-1] = b  # exactly the output time
+        pieces.append(piece)
+    return torch.cat(pieces)
 
-    def construct(func, y0, t):
-        pieces = [t[:1]]
-        for i in range(t.shape[0] - 1):
-            a, b = t[i], t[i + 1]
-            n = max(1, math.ceil(float(b - a) / max_step - 1e-9))
-            inner = torch.arange(1, n + 1, dtype=t.dtype, device=t.device) / n
-            piece = a + (b - a) * inner
-            piece[-1] = b  # exactly the output time
-            pieces.append(piece)
-        return torch.cat(pieces)
 
-    return construct
+def _unused_field(t, y):  # pragma: no cover - the validating solve evaluates nothing
+    raise AssertionError("not evaluated")
 
 
 def sdeint(sde, y0, ts, bm=None, method: str = "rampde_rk4", dt=None, adaptive=None, rtol=1e-5, atol=1e-4,
@@ -90,8 +108,9 @@ def sdeint(sde, y0, ts, bm=None, method: str = "rampde_rk4", dt=None, adaptive=N
         adaptive: True for adaptive steps (needs an embedded pair, e.g. ``rampde_dopri5``).  Default:
             adaptive for embedded pairs when ``dt`` is not given, else fixed steps.
         rtol, atol: adaptive tolerances (torchsde's defaults).
-        options: rampde's ``odeint`` options (``precision``, ``checkpoint``, ``memory_budget``,
-            ``scaler``, ``newton``, ...); not ``step_size``/``grid_constructor`` (use ``dt``).
+        options: rampde's solve options (:data:`OPTIONS`: ``precision``, ``checkpoint``, ``memory_budget``,
+            ``scaler``, ``newton``, ``adjoint_params``, the adaptive ``first_step``, ``max_num_steps``, ...,
+            as :func:`rampde_plugins.solve` takes them); not ``step_size``/``grid_constructor`` (use ``dt``).
         names: torchsde's renaming of the drift and diffusion methods, ``{"drift": ..., "diffusion": ...}``.
         n_terms: K, the number of Karhunen--Loeve terms (bias of the final variance ~ 2c / (pi^2 K)).
         generator: a ``torch.Generator`` (advanced by one draw of ``(K, batch, m)`` normals), an int
@@ -99,10 +118,12 @@ def sdeint(sde, y0, ts, bm=None, method: str = "rampde_rk4", dt=None, adaptive=N
             torch's global RNG is never used).
         noise: a :class:`rampde_plugins.KarhunenLoeveNoise` to reuse exactly (overrides ``n_terms`` and
             ``generator``); its interval must contain ``[ts[0], ts[-1]]`` and its shape be ``(batch, m)``.
-        adjoint: "discrete" (rampde's exact discrete adjoint, ``torchdiffeq.odeint``) or "quadrature"
-            (the Gauss--Legendre quadrature adjoint, ``torchdiffeq.odeint_adjoint``: memory flat in the
-            number of steps) with ``adjoint_method``/``adjoint_rtol``/``adjoint_atol``/``adjoint_options``/
-            ``adjoint_params`` as ``odeint_adjoint`` takes them.
+        adjoint: "discrete" (rampde's exact discrete adjoint of the steps) or "quadrature" (the
+            Gauss--Legendre quadrature adjoint: memory flat in the number of steps) with ``adjoint_method``
+            (a rampde method; default ``method``), ``adjoint_rtol``/``adjoint_atol`` (adaptive backward
+            solves; default ``rtol``/``atol``), ``adjoint_options`` (the node rule:
+            ``rampde_plugins.QUADRATURE_OPTIONS`` keys) and ``adjoint_params`` (the tensors to differentiate;
+            default: the SDE's parameters).
 
     Returns:
         ``(len(ts), batch, d)``.  :func:`rampde_plugins.collect_stats` records the solve with
@@ -141,12 +162,50 @@ def sdeint(sde, y0, ts, bm=None, method: str = "rampde_rk4", dt=None, adaptive=N
     if not isinstance(y0, torch.Tensor):
         raise TypeError(f"{owner}: y0 must be a torch.Tensor of shape (batch, d), got {type(y0).__name__}")
     ts = _times(ts, y0, owner)
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"{owner}: options must be a dict, got {type(options).__name__}")
     opts = dict(options or {})
     bad = [k for k in ("step_size", "grid_constructor") if k in opts]
     if bad:
         raise ValueError(f"{owner}: options {bad} are set by dt here (the largest fixed step)")
+    unknown = sorted(set(opts) - set(OPTIONS), key=str)
+    if unknown:
+        raise ValueError(f"{owner}: unknown option(s) {', '.join(map(repr, unknown))}; valid options: "
+                         f"{', '.join(OPTIONS)}")
     if dt is not None and not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
         raise ValueError(f"{owner}: dt={dt!r} must be a positive finite number")
+    if adjoint_options is not None and not isinstance(adjoint_options, dict):
+        raise TypeError(f"{owner}: adjoint_options must be a dict, got {type(adjoint_options).__name__}")
+    unknown = sorted(set(adjoint_options or {}) - set(QUADRATURE_OPTIONS), key=str)
+    if unknown:
+        raise ValueError(f"{owner}: unknown adjoint option(s) {', '.join(map(repr, unknown))}; valid adjoint options "
+                         f"(the quadrature's node rule): {', '.join(QUADRATURE_OPTIONS)}")
+    if adjoint_params is not None and "adjoint_params" in opts:
+        raise ValueError(f"{owner}: adjoint_params and options['adjoint_params'] both name the tensors to "
+                         "differentiate; give one of them")
+
+    name = method[len("rampde_"):]
+    embedded = get_registry().tableau(name).b_err is not None
+    if adaptive is None:
+        adaptive = embedded and dt is None
+    if adaptive and not embedded:
+        raise ValueError(f"{owner}: adaptive=True needs a method with an error estimate (e.g. rampde_dopri5); "
+                         f"{method} has none -- give dt for fixed steps")
+    kwargs = {OPTIONS[k]: v for k, v in opts.items()}
+    kwargs.update(rtol=rtol, atol=atol)
+    if adaptive and dt is not None:
+        kwargs.setdefault("first_step", dt)
+    if adjoint == "quadrature":
+        kwargs.update(quadrature=dict(adjoint_options or {}), adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol)
+        if adjoint_method is not None:
+            kwargs["adjoint_method"] = adjoint_method[len("rampde_"):]
+        if adjoint_params is not None:
+            kwargs["params"] = adjoint_params
+    # Every option is checked before the path is drawn, so a call that fails does not advance a generator
+    # passed in: the same solve at the first output time alone validates all of it and evaluates nothing
+    # (step_size stands in for the grid, which is built from the path's length below).
+    solve(_unused_field, y0, ts[:1], method=name, adjoint=adjoint,
+          **({**kwargs, "step_size": 1.0} if not adaptive else kwargs))
 
     m = noise_channels(sde, ts[0], y0, names=names)
     batch = y0.shape[0]
@@ -166,31 +225,12 @@ def sdeint(sde, y0, ts, bm=None, method: str = "rampde_rk4", dt=None, adaptive=N
         return y0.unsqueeze(0).clone()
     field = WongZakaiField(sde, noise, names=names)
 
-    tableau = get_registry().tableau(method[len("rampde_"):])
-    embedded = tableau.b_err is not None
-    if adaptive is None:
-        adaptive = embedded and dt is None
-    if adaptive:
-        if not embedded:
-            raise ValueError(f"{owner}: adaptive=True needs a method with an error estimate (e.g. rampde_dopri5); "
-                             f"{method} has none -- give dt for fixed steps")
-        if dt is not None:
-            opts.setdefault("first_step", dt)
-    else:
+    if not adaptive:
         step = dt if dt is not None else noise.length / (_STEPS_PER_HALF_PERIOD * (noise.n_terms - 0.5))
-        opts["grid_constructor"] = _subdivided_grid(step)
-
-    import torchdiffeq  # the ODE front end; rampde methods are installed in it
+        kwargs["grid"] = _subdivided_grid(ts, step)
 
     with collect_stats() as stats:
-        if adjoint == "discrete":
-            ys = torchdiffeq.odeint(field, y0, ts, rtol=rtol, atol=atol, method=method, options=opts)
-        else:
-            kwargs = {k: v for k, v in (("adjoint_method", adjoint_method), ("adjoint_rtol", adjoint_rtol),
-                                        ("adjoint_atol", adjoint_atol), ("adjoint_options", adjoint_options),
-                                        ("adjoint_params", adjoint_params)) if v is not None}
-            ys = torchdiffeq.odeint_adjoint(field, y0, ts, rtol=rtol, atol=atol, method=method, options=opts,
-                                            **kwargs)
+        ys = solve(field, y0, ts, method=name, adjoint=adjoint, **kwargs)
     for record in stats:
         record.noise_terms, record.noise_seed = noise.n_terms, noise.seed
     return ys
