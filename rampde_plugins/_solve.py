@@ -73,13 +73,8 @@ _MID_STEP = {
     "adaptive_heun": ((0.5, 0.5), (0.5, 0.0)),
 }
 
-_SECOND_ORDER = (
-    "rampde_plugins.solve(method={method!r}, adjoint='quadrature') runs rampde's Gauss--Legendre quadrature "
-    "adjoint, which provides first-order gradients only (its backward integrates the state and its adjoint "
-    "without a graph of its own), so create_graph=True (a second derivative) through it is not available. "
-    "For Hessian-vector products or gradient penalties use a solver that backpropagates through its steps with "
-    "autograd: a host library's own method (torchdiffeq's, torchode's AutoDiffAdjoint, torchsde's own methods)."
-)
+_AUTOGRAD = ("a solver that backpropagates through its steps: a host library's own method (torchdiffeq's, "
+             "torchode's AutoDiffAdjoint, torchsde's own methods)")
 
 
 # -- validation --------------------------------------------------------------------------------------
@@ -670,8 +665,8 @@ def _quadrature(plan: _Plan, back: _Plan, f, y0, t, params, buffers, options) ->
         params=params, buffers=buffers, hint=_PARAM_HINT, scaler=plan.scaler, unused_zero=True, method=plan.name,
     )
     out = solve_quadrature(qp, y0, t, owner=f"rampde_plugins.solve(method={plan.tableau.name!r}, adjoint='quadrature')",
-                           instead="adjoint='discrete'")
-    return _first_order_only(out, _SECOND_ORDER.format(method=plan.tableau.name))
+                           instead="adjoint='discrete'", autograd=_AUTOGRAD)
+    return out
 
 
 def _solve_adaptive_with_norm(plan: _Plan, field, z0, s):
@@ -694,15 +689,3 @@ def _same(a, b) -> bool:
         return bool(torch.equal(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)))
     except (TypeError, RuntimeError):
         return False
-
-
-def _first_order_only(out: torch.Tensor, message: str) -> torch.Tensor:
-    """Refuse ``create_graph=True`` through ``out`` with ``message`` (before its backward node runs)."""
-    node = out.grad_fn
-    if node is not None:
-        def refuse(grad_outputs):
-            if torch.is_grad_enabled():
-                raise RuntimeError(message)
-
-        node.register_prehook(refuse)
-    return out

@@ -20,13 +20,8 @@ import torch
 from rampde_plugins import QUADRATURE_OPTIONS, QuadratureProblem, quadrature_options, resolve_policy, solve_quadrature
 
 _CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
-_SECOND_ORDER = (
-    "odeint_adjoint(method={method!r}) runs rampde's Gauss--Legendre quadrature adjoint, which provides first-order "
-    "gradients only (its backward integrates the state and its adjoint without a graph of its own), so "
-    "create_graph=True (a second derivative) through it is not available. For Hessian-vector products or gradient "
-    "penalties use torchdiffeq.odeint with torchdiffeq's own method and the same tableau (e.g. method='rk4' with "
-    "options={{'step_size': h}}), which backpropagates through the steps with autograd."
-)
+_AUTOGRAD = ("torchdiffeq.odeint with torchdiffeq's own method and the same tableau (e.g. method='rk4' with "
+             "options={'step_size': h})")
 _NOT_RAMPDE = (
     "odeint_adjoint(method={method!r}, adjoint_method={adjoint!r}): with a rampde method, odeint_adjoint runs "
     "rampde's Gauss--Legendre quadrature adjoint, whose backward solve is a rampde method too. Leave "
@@ -157,21 +152,8 @@ def quadrature_adjoint(adapter, func, y0, t, rtol, atol, method, options, event_
         hint="pass them explicitly: odeint_adjoint(..., adjoint_params=(A, b))",
         scaler=solver.options["scaler"], unused_zero=True, method=method, host=host,
     )
-    out = solve_quadrature(qp, y0, t, owner=owner, instead=f"torchdiffeq.odeint(..., method={method!r})")
-    _first_order_only(out, _SECOND_ORDER.format(method=method))
-    return out
-
-
-def _first_order_only(out: torch.Tensor, message: str) -> None:
-    """Refuse ``create_graph=True`` through ``out`` naming the quadrature adjoint (the check runs before
-    its backward node does, so the core's message about the discrete adjoint is never reached)."""
-    node = out.grad_fn
-    if node is not None:
-        def refuse(grad_outputs):
-            if torch.is_grad_enabled():
-                raise RuntimeError(message)
-
-        node.register_prehook(refuse)
+    return solve_quadrature(qp, y0, t, owner=owner, instead=f"torchdiffeq.odeint(..., method={method!r})",
+                            autograd=_AUTOGRAD)
 
 
 def _event_adjoint(adapter, func, y0, t, rtol, atol, method, options, event_fn, adjoint_rtol, adjoint_atol,

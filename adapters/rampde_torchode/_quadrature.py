@@ -35,24 +35,7 @@ from ._adjoint import RampdeAdjoint, solve_params, tableau_of, term_field
 
 PARAM_HINT = "pass them explicitly: QuadratureAdjoint(term, step_method, controller, params=(A, b))"
 
-_SECOND_ORDER = (
-    "QuadratureAdjoint (solve_ivp(..., adjoint='quadrature')) runs rampde's Gauss--Legendre quadrature adjoint, "
-    "which provides first-order gradients only (its backward integrates the state and its adjoint without a "
-    "graph of its own), so create_graph=True (a second derivative) through it is not available. For "
-    "Hessian-vector products or gradient penalties use torchode's AutoDiffAdjoint with torchode's own step method "
-    "(e.g. Dopri5 or Tsit5), which backpropagates through the steps with autograd."
-)
-
-
-def _first_order_only(out: torch.Tensor) -> None:
-    """Refuse ``create_graph=True`` through ``out`` naming this adjoint (before its backward runs)."""
-    node = out.grad_fn
-    if node is not None:
-        def refuse(grad_outputs):
-            if torch.is_grad_enabled():
-                raise RuntimeError(_SECOND_ORDER)
-
-        node.register_prehook(refuse)
+_AUTOGRAD = "torchode's AutoDiffAdjoint with torchode's own step method (e.g. Dopri5 or Tsit5)"
 
 
 class QuadratureAdjoint(torch.nn.Module):
@@ -168,9 +151,9 @@ class QuadratureAdjoint(torch.nn.Module):
             scaler=self.scaler, stack_dim=None, batched_time=True, method=repr(fwd.step_method),
         )
         times = torch.cat([t_start[None], t_eval.transpose(0, 1)])  # (1 + n_eval, batch), time-major
-        out = solve_quadrature(qp, y0, times, owner="QuadratureAdjoint",
-                               instead="RampdeAdjoint (solve_ivp's default adjoint for rampde methods)")
-        _first_order_only(out)
+        out = solve_quadrature(qp, y0, times, owner="QuadratureAdjoint (solve_ivp(..., adjoint='quadrature'))",
+                               instead="RampdeAdjoint (solve_ivp's default adjoint for rampde methods)",
+                               autograd=_AUTOGRAD)
         sol = held["solution"]
         stats = dict(sol.stats)
         stats["rampde"] = qp.record

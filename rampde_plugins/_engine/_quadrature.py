@@ -44,7 +44,6 @@ from .._probe import GraphCheck, sequence_mark
 from .._replay import StepReplay
 from .._scaler import AdjointScaler, _pow2
 from .._stats import _private_stats, collect_stats
-from ._adjoint import _HIGHER_ORDER
 
 __all__ = ["QuadratureOptions", "quadrature_options", "gauss_legendre", "QuadratureProblem", "solve_quadrature",
            "QUADRATURE_OPTIONS"]
@@ -319,13 +318,30 @@ _RANDOM = (
 )
 
 
+_FIRST_ORDER = (
+    "{owner} runs rampde's Gauss--Legendre quadrature adjoint, which provides first-order gradients only (its "
+    "backward integrates the state and its adjoint without a graph of its own), so {what} through it is not "
+    "available. For Hessian-vector products or gradient penalties use {autograd}, which backpropagates through "
+    "the steps with autograd."
+)
+
+
 def solve_quadrature(qp: QuadratureProblem, y0: torch.Tensor, t: torch.Tensor, *, owner: str = "the solve",
-                     instead: str = "the discrete adjoint") -> torch.Tensor:
-    """Outputs of ``qp.forward(y0)`` at ``t`` whose backward is the quadrature adjoint."""
+                     instead: str = "the discrete adjoint",
+                     autograd: str = "the host library's own method with the same tableau") -> torch.Tensor:
+    """Outputs of ``qp.forward(y0)`` at ``t`` whose backward is the quadrature adjoint.
+
+    ``owner``: the call as the user wrote it (starts error messages); ``instead``: the route with the
+    discrete adjoint (suggested for fields that draw random numbers); ``autograd``: a solver that
+    backpropagates through its steps (suggested for second derivatives)."""
+    qp.owner, qp.instead, qp.autograd = owner, instead, autograd
     if torch._C._are_functorch_transforms_active():
-        raise RuntimeError(_HIGHER_ORDER.format(what="a torch.func transform (grad, vmap, jacrev, jacfwd, hessian)"))
-    qp.owner, qp.instead = owner, instead
+        raise RuntimeError(_first_order(qp, "a torch.func transform (grad, vmap, jacrev, jacfwd, hessian)"))
     return _QuadratureAdjoint.apply(qp, y0, t, *qp.params)
+
+
+def _first_order(qp: QuadratureProblem, what: str) -> str:
+    return _FIRST_ORDER.format(owner=qp.owner, what=what, autograd=qp.autograd)
 
 
 class _QuadratureAdjoint(torch.autograd.Function):
@@ -360,7 +376,7 @@ class _QuadratureAdjoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sol):
         if torch.is_grad_enabled():
-            raise RuntimeError(_HIGHER_ORDER.format(what="create_graph=True (a second derivative)"))
+            raise RuntimeError(_first_order(ctx.qp, "create_graph=True (a second derivative)"))
         sol, t = ctx.saved_tensors
         params = ctx.params
         needs = ctx.needs_input_grad
@@ -369,7 +385,7 @@ class _QuadratureAdjoint(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, *tangents):
-        raise RuntimeError(_HIGHER_ORDER.format(what="forward-mode differentiation (torch.autograd.forward_ad, jvp)"))
+        raise RuntimeError(_first_order(ctx.qp, "forward-mode differentiation (torch.autograd.forward_ad, jvp)"))
 
 
 def _when(t) -> str:
