@@ -26,7 +26,6 @@ two give the same numbers:
 
 from __future__ import annotations
 
-import bisect
 import math
 import numbers
 from typing import Callable, Mapping, Sequence
@@ -39,7 +38,7 @@ from ._engine import (
     QuadratureOptions,
     QuadratureProblem,
     StageInterpolation,
-    StepController,
+    RmsController,
     checkpoint_schedule,
     newton_options,
     quadrature_options,
@@ -47,6 +46,7 @@ from ._engine import (
     solve_grid,
     solve_quadrature,
 )
+from ._engine._controller import rms_norm
 from ._manager import get_registry, resolve_policy
 from ._policy import PrecisionPolicy, check_tolerance
 from ._scaler import AdjointScaler
@@ -194,127 +194,6 @@ def _field(f, y0, policy, engine_time):
 
 # -- adaptive steps ----------------------------------------------------------------------------------
 
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    return x.abs().pow(2).mean().sqrt()
-
-
-class _Controller(StepController):
-    """Step-size control with the RMS error norm (Hairer, Norsett & Wanner, I, II.4), in float64 or
-    the state dtype if wider.  ``land_at``: times the steps end on exactly (the outputs of an
-    implicit method); ``track(times)`` records the accepted step that reached each of ``times``."""
-
-    reuse_last_stage = True
-
-    def __init__(self, y0, order, rtol, atol, *, norm=_rms, first_step=None, min_step=0.0, max_step=math.inf,
-                 safety=0.9, ifactor=10.0, dfactor=0.2, max_num_steps=2**31 - 1, owner="", land_at=None):
-        dtype = torch.promote_types(torch.float64, y0.abs().dtype)
-        dev = y0.device
-
-        def tensor(x):
-            return torch.as_tensor(x, dtype=dtype, device=dev)
-
-        self.dtype, self.order, self.norm, self.owner = dtype, order, norm, owner
-        self.rtol, self.atol = tensor(rtol), tensor(atol)
-        self.min_step, self.max_step = tensor(min_step), tensor(max_step)
-        self.first_step = None if first_step is None else tensor(first_step)
-        self.safety, self.ifactor, self.dfactor = tensor(safety), tensor(ifactor), tensor(dfactor)
-        self.max_num_steps = int(max_num_steps)
-        self.land_at = None if land_at is None else tensor(land_at).reshape(-1)
-        self.trials = 0
-        self._track, self.output_steps = None, []
-
-    def track(self, times) -> None:
-        self._track = [float(x) for x in times]
-        self.output_steps = []
-
-    def _initial_step(self, f, t0, y0, f0):
-        """Hairer's selection: a step whose explicit Euler change is 1% of the scaled state, then the
-        order-``p`` estimate from the change of the slope over it; the smaller of 100x the first and the
-        second."""
-        order = self.order - 1
-        scale = self.atol + torch.abs(y0) * self.rtol
-        d0 = self.norm(y0 / scale).abs()
-        d1 = self.norm(f0 / scale).abs()
-        if d0 < 1e-5 or d1 < 1e-5:
-            h0 = torch.tensor(1e-6, dtype=y0.dtype, device=y0.device)
-        else:
-            h0 = 0.01 * d0 / d1
-        h0 = h0.abs()
-        f1 = f(t0 + h0, y0 + h0 * f0)
-        d2 = torch.abs(self.norm((f1 - f0) / scale) / h0)
-        if d1 <= 1e-15 and d2 <= 1e-15:
-            h1 = torch.max(torch.tensor(1e-6, dtype=y0.dtype, device=y0.device), h0 * 1e-3)
-        else:
-            h1 = (0.01 / max(d1, d2)) ** (1.0 / float(order + 1))
-        h1 = h1.abs()
-        return torch.min(100 * h0, h1).to(t0.dtype)
-
-    def start(self, f, t0, y0, f0):
-        dt = self._initial_step(f, t0, y0, f0) if self.first_step is None else self.first_step
-        self.dt = dt.to(self.dtype)
-        land = torch.tensor([], dtype=self.dtype, device=t0.device)
-        if self.land_at is not None:
-            land = torch.sort(self.land_at[self.land_at >= t0]).values
-        self.land = land
-        self.next_land = min(bisect.bisect(land.tolist(), float(t0)), len(land) - 1)
-
-    def propose(self, t0, y0=None):
-        dt = self.dt
-        if not torch.isfinite(dt):
-            dt = self.min_step
-        dt = dt.clamp(self.min_step, self.max_step)
-        if self.trials >= self.max_num_steps:
-            raise RuntimeError(
-                f"{self.owner}: max_num_steps={self.max_num_steps} reached at t={float(t0):.6g} with step size "
-                f"{float(dt):.3g}; the error estimate does not fall below the tolerance"
-            )
-        self.trials += 1
-        t0 = t0.to(self.dtype)
-        if not bool(t0 + dt > t0):
-            raise RuntimeError(
-                f"{self.owner}: step size underflow at t={float(t0):.6g} (dt={float(dt):.3g}); the error estimate "
-                "never falls below the tolerance -- with a low-precision policy the tolerance may be below the "
-                "velocity's rounding noise"
-            )
-        t1 = t0 + dt
-        self.on_land = False
-        if len(self.land):
-            nxt = self.land[self.next_land]
-            self.on_land = bool(t0 < nxt < t0 + dt)
-            if self.on_land:
-                t1, dt = nxt, nxt - t0
-        self._dt = dt
-        return t1, dt
-
-    def judge(self, t0, t1, h, y0, y1, err):
-        dt = self._dt
-        tol = self.atol + self.rtol * torch.max(y0.abs(), y1.abs())
-        ratio = self.norm(err / tol).abs()
-        accept = bool(ratio <= 1)
-        if dt > self.max_step:
-            accept = False
-        if dt <= self.min_step:
-            accept = True
-        if accept:
-            if self._track is not None:
-                end, size = torch.stack([t1.to(self.dtype), dt.abs().to(self.dtype)]).tolist()
-                while len(self.output_steps) < len(self._track) and self._track[len(self.output_steps)] <= end:
-                    self.output_steps.append(size)
-            if self.on_land and self.next_land != len(self.land) - 1:
-                self.next_land += 1
-        self.dt = self._next_step(dt, ratio).clamp(self.min_step, self.max_step)
-        return accept
-
-    @torch.no_grad()
-    def _next_step(self, last, ratio):
-        if ratio == 0:
-            return last * self.ifactor
-        shrink = torch.ones((), dtype=last.dtype, device=last.device) if ratio < 1 else self.dfactor
-        ratio = ratio.type_as(last)
-        exponent = torch.tensor(self.order, dtype=last.dtype, device=last.device).reciprocal()
-        return last * torch.min(self.ifactor, torch.max(self.safety / ratio ** exponent, shrink))
-
-
 def _dense_output(tableau):
     """``interp(step_data, t)`` of an adaptive solve (see the module docstring)."""
     if tableau.implicit:
@@ -372,7 +251,7 @@ class _Plan:
         if self.adaptive:
             inner, field_time = _field(f, y0, policy, torch.float64)
             check_tolerance(policy, self.rtol, self.owner)
-            controller = _Controller(y0, self.tableau.order, self.rtol, self.atol, first_step=self.first_step,
+            controller = RmsController(y0, self.tableau.order, self.rtol, self.atol, first_step=self.first_step,
                                      land_at=t[1:] if self.tableau.implicit else None, owner=self.owner,
                                      **self.steps)
             if track:
@@ -619,7 +498,7 @@ def solve(
 
 def _adjoint_norm(z: torch.Tensor) -> torch.Tensor:
     """The backward solve's error norm on ``z = [x, a]``: the larger RMS of the two."""
-    return max(torch.zeros((), dtype=z.dtype, device=z.device), _rms(z[0]), _rms(z[1]))
+    return max(torch.zeros((), dtype=z.dtype, device=z.device), rms_norm(z[0]), rms_norm(z[1]))
 
 
 def _quadrature(plan: _Plan, back: _Plan, f, y0, t, params, buffers, options) -> torch.Tensor:
@@ -674,7 +553,7 @@ def _solve_adaptive_with_norm(plan: _Plan, field, z0, s):
     policy = plan.policy
     inner, field_time = _field(field, z0, policy, torch.float64)
     check_tolerance(policy, plan.rtol, plan.owner)
-    controller = _Controller(z0, plan.tableau.order, plan.rtol, plan.atol, norm=_adjoint_norm,
+    controller = RmsController(z0, plan.tableau.order, plan.rtol, plan.atol, norm=_adjoint_norm,
                              first_step=plan.first_step, land_at=s[1:] if plan.tableau.implicit else None,
                              owner=plan.owner, **plan.steps)
     return solve_adaptive(

@@ -10,12 +10,11 @@ half-precision dtype: torchdiffeq's dopri5 with an fp16 state overflows in its R
 
 from __future__ import annotations
 
-import bisect
 import importlib
 
 import torch
 
-from rampde_plugins import StageInterpolation, StepController
+from rampde_plugins import RmsController, StageInterpolation
 from rampde_plugins import RampdeToleranceWarning, check_tolerance  # noqa: F401 (re-exported)
 
 ADAPTIVE_OPTIONS = {
@@ -32,135 +31,37 @@ ADAPTIVE_OPTIONS = {
 }
 
 
-class TorchdiffeqController(StepController):
-    """Step-size control exactly as torchdiffeq's ``RKAdaptiveStepsizeODESolver``."""
-
-    reuse_last_stage = True  # torchdiffeq starts each step from the previous step's last stage
+class TorchdiffeqController(RmsController):
+    """Step-size control exactly as torchdiffeq's ``RKAdaptiveStepsizeODESolver``: the core's
+    controller (stepping onto ``step_t``/``jump_t``, clamps, bookkeeping) with torchdiffeq's own
+    initial-step selection, error ratio and optimal step size, and ``func``'s step callbacks."""
 
     def __init__(self, func, y0, order, rtol, atol, norm, min_step=0, max_step=float("inf"), first_step=None,
                  step_t=None, jump_t=None, safety=0.9, ifactor=10.0, dfactor=0.2, max_num_steps=2**31 - 1,
                  dtype=torch.float64, method="", land_at=None):
+        super().__init__(y0, order, rtol, atol, norm=norm, first_step=first_step, min_step=min_step,
+                         max_step=max_step, safety=safety, ifactor=ifactor, dfactor=dfactor,
+                         max_num_steps=max_num_steps, step_t=step_t, jump_t=jump_t, land_at=land_at, dtype=dtype,
+                         owner=f"odeint(method={method!r})")
         misc = importlib.import_module("torchdiffeq._impl.misc")
         self._select_initial_step = misc._select_initial_step
         self._compute_error_ratio = misc._compute_error_ratio
         self._optimal_step_size = misc._optimal_step_size
-        dtype = torch.promote_types(dtype, y0.abs().dtype)
-        dev = y0.device
-        self.dtype, self.order, self.norm, self.func, self.method = dtype, order, norm, func, method
-        self.rtol = torch.as_tensor(rtol, dtype=dtype, device=dev)
-        self.atol = torch.as_tensor(atol, dtype=dtype, device=dev)
-        self.min_step = torch.as_tensor(min_step, dtype=dtype, device=dev)
-        self.max_step = torch.as_tensor(max_step, dtype=dtype, device=dev)
-        self.first_step = None if first_step is None else torch.as_tensor(first_step, dtype=dtype, device=dev)
-        self.safety = torch.as_tensor(safety, dtype=dtype, device=dev)
-        self.ifactor = torch.as_tensor(ifactor, dtype=dtype, device=dev)
-        self.dfactor = torch.as_tensor(dfactor, dtype=dtype, device=dev)
-        self.max_num_steps = int(max_num_steps)
-        self.step_t = None if step_t is None else torch.as_tensor(step_t, dtype=dtype, device=dev)
-        self.jump_t = None if jump_t is None else torch.as_tensor(jump_t, dtype=dtype, device=dev)
-        self.trials = 0
-        self._track, self.output_steps = None, []
-        # Times the steps land on exactly (as on step_t): the outputs of an implicit method.
-        self.land_at = None if land_at is None else torch.as_tensor(land_at, dtype=dtype, device=dev)
+        self.func, self.method = func, method
 
-    def track(self, times) -> None:
-        """Record, for each of the (increasing) ``times``, the size of the accepted step that reached it
-        (``output_steps``): the quadrature adjoint starts its backward solves there."""
-        self._track = [float(x) for x in times]
-        self.output_steps = []
+    def initial_step(self, f, t0, y0, f0):
+        return self._select_initial_step(f, t0, y0, self.order - 1, self.rtol, self.atol, self.norm, f0=f0)
 
-    def _cb(self, name, *args):
-        cb = getattr(self.func, name, None)
+    def error_ratio(self, err, y0, y1):
+        return self._compute_error_ratio(err, self.rtol, self.atol, y0, y1, self.norm)
+
+    def optimal_step(self, last, ratio):
+        return self._optimal_step_size(last, ratio, self.safety, self.ifactor, self.dfactor, self.order)
+
+    def notify(self, event, t0, y0, dt):
+        cb = getattr(self.func, event, None)
         if cb is not None:
-            cb(*args)
-
-    def start(self, f, t0, y0, f0):
-        if self.first_step is None:
-            self.dt = self._select_initial_step(f, t0, y0, self.order - 1, self.rtol, self.atol, self.norm, f0=f0)
-        else:
-            self.dt = self.first_step
-        self.dt = self.dt.to(self.dtype)
-
-        def sorted_after(tvals):
-            if tvals is None:
-                return torch.tensor([], dtype=self.dtype, device=t0.device)
-            return torch.sort(tvals[tvals >= t0]).values
-
-        step_t = self.step_t
-        if self.land_at is not None:
-            land = self.land_at.reshape(-1).to(self.dtype)
-            for known in (step_t, self.jump_t):
-                if known is not None and len(land):
-                    land = land[~torch.isin(land, known)]
-            step_t = land if step_t is None else torch.cat([step_t, land])
-        self.step_t, self.jump_t = sorted_after(step_t), sorted_after(self.jump_t)
-        if (torch.cat([self.step_t, self.jump_t]).unique(return_counts=True)[1] > 1).any():
-            raise ValueError(f"odeint(method={self.method!r}): options 'step_t' and 'jump_t' must not share any time")
-        self.next_step_index = min(bisect.bisect(self.step_t.tolist(), float(t0)), len(self.step_t) - 1)
-        self.next_jump_index = min(bisect.bisect(self.jump_t.tolist(), float(t0)), len(self.jump_t) - 1)
-
-    def propose(self, t0, y0=None):
-        dt = self.dt
-        if not torch.isfinite(dt):
-            dt = self.min_step
-        dt = dt.clamp(self.min_step, self.max_step)
-        if self.trials >= self.max_num_steps:
-            raise RuntimeError(
-                f"odeint(method={self.method!r}): max_num_steps={self.max_num_steps} reached at t={float(t0):.6g} "
-                f"with step size {float(dt):.3g}; the error estimate does not fall below the tolerance"
-            )
-        self.trials += 1
-        self._cb("callback_step", t0, y0, dt)
-        t0 = t0.to(self.dtype)
-        if not bool(t0 + dt > t0):
-            raise RuntimeError(
-                f"odeint(method={self.method!r}): step size underflow at t={float(t0):.6g} (dt={float(dt):.3g}); "
-                "the error estimate never falls below the tolerance -- with a low-precision policy the "
-                "tolerance may be below the velocity's rounding noise"
-            )
-        t1 = t0 + dt
-        self.on_step_t = False
-        if len(self.step_t):
-            nxt = self.step_t[self.next_step_index]
-            self.on_step_t = bool(t0 < nxt < t0 + dt)
-            if self.on_step_t:
-                t1, dt = nxt, nxt - t0
-        self.on_jump_t = False
-        if len(self.jump_t):
-            nxt = self.jump_t[self.next_jump_index]
-            self.on_jump_t = bool(t0 < nxt < t0 + dt)
-            if self.on_jump_t:
-                self.on_step_t = False
-                t1, dt = nxt, nxt - t0
-        self._dt = dt
-        return t1, dt
-
-    def judge(self, t0, t1, h, y0, y1, err):
-        dt = self._dt
-        ratio = self._compute_error_ratio(err, self.rtol, self.atol, y0, y1, self.norm)
-        accept = bool(ratio <= 1)
-        if dt > self.max_step:
-            accept = False
-        if dt <= self.min_step:
-            accept = True
-        self.at_jump = False
-        if accept:
-            self._cb("callback_accept_step", t0, y0, dt)
-            if self._track is not None:
-                end, size = torch.stack([t1.to(self.dtype), dt.abs().to(self.dtype)]).tolist()  # one sync
-                while len(self.output_steps) < len(self._track) and self._track[len(self.output_steps)] <= end:
-                    self.output_steps.append(size)
-            if self.on_step_t and self.next_step_index != len(self.step_t) - 1:
-                self.next_step_index += 1
-            if self.on_jump_t:
-                if self.next_jump_index != len(self.jump_t) - 1:
-                    self.next_jump_index += 1
-                self.at_jump = True
-        else:
-            self._cb("callback_reject_step", t0, y0, dt)
-        self.dt = self._optimal_step_size(dt, ratio, self.safety, self.ifactor, self.dfactor, self.order)
-        self.dt = self.dt.clamp(self.min_step, self.max_step)
-        return accept
+            cb(t0, y0, dt)
 
 
 # The dense output of torchdiffeq's adaptive solvers: a quartic through y0, y1, y(t0 + h/2) and

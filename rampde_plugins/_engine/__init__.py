@@ -33,6 +33,7 @@ quadrature adjoint: a backward that re-integrates ``[x, a]`` through the host), 
 
 from ._api import solve_adaptive, solve_batched, solve_batched_adaptive, solve_grid
 from ._drivers import BatchedStepController, StepController
+from ._controller import RmsController, rms_norm
 from ._outputs import INTERPOLATIONS, BatchedOutputs, StageInterpolation
 from ._budget import MemoryBudget, checkpoint_schedule, parse_memory_budget
 from ._schedules import BinomialSchedule, CheckpointSchedule, GraphsSchedule, SegmentsSchedule, StepsSchedule
@@ -41,7 +42,7 @@ from ._implicit import LINEAR_SOLVERS, NewtonFailure, NewtonOptions, newton_opti
 from ._quadrature import QUADRATURE_OPTIONS, QuadratureOptions, QuadratureProblem, quadrature_options, solve_quadrature
 
 __all__ = [
-    "solve_grid", "solve_batched", "solve_adaptive", "solve_batched_adaptive", "StepController",
+    "solve_grid", "solve_batched", "solve_adaptive", "solve_batched_adaptive", "StepController", "RmsController", "rms_norm",
     "BatchedStepController", "BatchedOutputs", "StepData", "INTERPOLATIONS", "CheckpointSchedule",
     "StepsSchedule", "GraphsSchedule", "SegmentsSchedule", "BinomialSchedule", "checkpoint_schedule",
     "MemoryBudget", "parse_memory_budget", "NewtonOptions", "NewtonFailure", "StageInterpolation", "newton_options", "LINEAR_SOLVERS",
