@@ -59,7 +59,8 @@ class SolveStats:
     memory_budget: int | None = None
     #: one step's graph (bytes its autograd graph saves), measured before the forward under a budget
     step_graph_bytes: int = 0
-    #: under a budget: the chosen schedule's predicted peak (states, checkpoints, graphs, replay records)
+    #: under a budget: the chosen schedule's predicted peak of the whole solve (forward and backward:
+    #: states, checkpoints, graphs, replay records, the solution, its cotangent, the VJP's buffers)
     predicted_bytes: int = 0
     #: under a budget: the peak of the same, measured on the tensors the schedule held
     peak_bytes: int = 0

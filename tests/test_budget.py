@@ -2,15 +2,21 @@
 
 What is checked, and against what:
 * the chosen schedule's peak, measured independently of rampde's own accounting by the saved-tensor
-  meter (unique memory, parameters excluded; binomial checkpoints and the states of segments are not
-  saved tensors, so their count times a state's bytes is added) stays within the budget, for budgets
+  meter (unique memory, parameters excluded; binomial checkpoints are not saved tensors, so their
+  count times a state's bytes is added; the states of steps and segments are one saved tensor) stays
+  within the budget, for budgets
   from "all graphs fit" through segments of 16 .. 2 steps and "steps" down to "two checkpoints";
 * the work (field evaluations, forward + backward) never grows as the budget grows -- the
   deterministic side of "time decreases with the budget" (the timings are in the benchmark);
 * every budget gives the gradient of the unbudgeted solve (fp64, 1e-12) and of torchdiffeq's own
   backprop; a field with dropout and BatchNorm draws and writes exactly what it does without a
   budget (the measuring step puts the generators and buffers back);
-* too small a budget raises with the numbers and changes nothing; bad values raise naming the option.
+* too small a budget raises with the numbers and changes nothing; bad values raise naming the option;
+* (issue 27) every tensor the whole solve holds at once -- forward, backward, solution, adjoint,
+  gradients, the VJP's buffers -- stays within the predicted peak; the budgets of the ladder are the
+  peaks the schedules themselves predict (``predict_peak``), and a schedule family enters the
+  chooser only through its own prediction and one registration (SegmentsSchedule, and a family
+  written in the test).  The resident-set check of the whole solve is tests/test_budget_peak.py.
 """
 
 import pytest
@@ -18,8 +24,10 @@ import torch
 import torchode as to
 from torchdiffeq import odeint
 
-from rampde_plugins import MemoryBudget, collect_stats, parse_memory_budget
+from rampde_plugins import (BinomialSchedule, GraphsSchedule, MemoryBudget, SegmentsSchedule, StepsSchedule,
+                            collect_stats, parse_memory_budget)
 from rampde_torchode import RampdeAdjoint
+from rampde_plugins._engine._memory import LiveBytes
 from rampde_plugins._stats import SavedTensorMeter
 
 from .helpers import MLPField, rel
@@ -42,40 +50,66 @@ def _solve(field, options, *, method="rampde_rk4", t=(0.0, 1.0), meter=False, **
     for p in field.parameters():
         p.grad = None
     m = SavedTensorMeter(unique=True, exclude=list(field.parameters())) if meter else None
+    # the whole solve's tensors (forward, backward, gradients), as CUDA's max_memory_allocated counts
+    live = LiveBytes() if meter else None
     with collect_stats() as stats:
         if m is not None:
             m.__enter__()
+            live.__enter__()
         try:
             y = odeint(field, y0, torch.tensor(t, dtype=torch.float64), method=method, options=options, **kw)
             y.sum().backward()  # a loss that saves nothing of its own
+            del y
         finally:
             if m is not None:
+                live.__exit__(None, None, None)
                 m.__exit__(None, None, None)
     grads = torch.cat([y0.grad.reshape(-1), *(p.grad.reshape(-1) for p in field.parameters())])
+    if m is not None:
+        m.live = live.peak
     return grads, (stats.last if len(stats) else None), m
 
 
-def _ladder(field, options=None, state=None):
-    """Budgets from "all graphs fit" down to "two checkpoints", from one measuring solve."""
+class _Measured(MemoryBudget):
+    """A budget that keeps the step measure it chose from (``m``): the test asks the schedules
+    themselves for their predicted peaks, as the chooser does."""
+
+    def resolve(self, m, outputs=None):
+        self.m = m
+        return super().resolve(m, outputs)
+
+
+def _measure(field, options):
+    budget = _Measured("1GB")
+    _, rec, _ = _solve(field, {**options, "memory_budget": budget})
+    return budget.m, rec
+
+
+def _ladder(field, options=None):
+    """Budgets from "all graphs fit" down to "two checkpoints", from one measuring solve: the peaks
+    of the whole solve the schedules predict (their holdings: N G; 16 G + 3 S; 8 G + 5 S; 4 G + 10 S;
+    2 G + 20 S; N S + G; c S + G for c = 20, 12, 5, 2 -- plus what every solve holds)."""
     options = options or {"step_size": 1.0 / N}
-    _, rec, _ = _solve(field, {**options, "memory_budget": "1GB"})
-    g, state = rec.step_graph_bytes, state or _y0().numel() * 8
-    times = (N + 1) * 8 + 2 * 8  # the grid and the output times, kept by every schedule
-    assert rec.schedule == "graphs" and g > 0
+    m, rec = _measure(field, options)
+    g, state = m.graph, m.state
+    assert rec.schedule == "graphs" and g > 0 and m.n_steps == N
+    assert rec.predicted_bytes == GraphsSchedule().predict_peak(m)
     # a step's graph holds the hidden activations: far more than the 20 states that segments(2) saves
     # over "steps", so there is a band where "steps" fits and segments(2) does not
     assert g > N // 2 * state
-    return [times + b for b in (N * g, N * g - 1, 16 * g + 3 * state, 8 * g + 5 * state, 4 * g + 10 * state,
-                                2 * g + 20 * state, N * state + g, 20 * state + g, 12 * state + g, 5 * state + g,
-                                2 * state + g)]
+    graphs = GraphsSchedule().predict_peak(m)
+    return [graphs, graphs - 1, *(SegmentsSchedule(k).predict_peak(m) for k in (16, 8, 4, 2)),
+            StepsSchedule(group=1).predict_peak(m), *(BinomialSchedule(c).predict_peak(m) for c in (20, 12, 5, 2))]
 
 
 def _check_peak(rec, meter, budget, state_bytes, stored_bytes=None):
     assert rec.memory_budget == budget and rec.backward_done
     assert rec.predicted_bytes <= budget and rec.peak_bytes <= budget
-    # binomial checkpoints (state dtype) and the every-k-th states of segments (storage dtype) are
-    # kept outside autograd, so the meter does not see them: they are added
-    outside = {"binomial": state_bytes, "segments": stored_bytes or state_bytes}.get(rec.schedule, 0)
+    # the budget bounds the whole solve: every tensor alive at once, forward and backward (issue 27)
+    assert getattr(meter, "live", 0) <= rec.predicted_bytes, (rec.schedule, meter.live, rec.predicted_bytes)
+    # binomial checkpoints (state dtype) are kept outside autograd, so the meter does not see them:
+    # they are added (the states of steps and segments are one saved tensor, which it sees)
+    outside = state_bytes if rec.schedule == "binomial" else 0
     held = meter.peak + rec.checkpoints * outside
     # the meter also sees a few 0-d tensors (step sizes, weights) that rampde does not count
     assert held <= budget + 256, (budget, rec.schedule, meter.peak, rec.peak_bytes)
@@ -129,11 +163,13 @@ def test_bf16_budget_chooses_steps_when_only_narrow_states_fit():
             y.sum().backward()
         return torch.cat([p.grad.reshape(-1) for p in field.parameters()]), stats.last, meter
 
-    _, rec, _ = run("1GB")
-    g, state, stored = rec.step_graph_bytes, y0.numel() * 4, y0.numel() * 2
-    times = (N + 1) * 4 + 2 * 4
-    budget = times + N * stored + g
-    assert budget < times + (N - 1) * state + g  # binomial(N - 1) does not fit
+    spy = _Measured("1GB")
+    run(spy)
+    m = spy.m
+    state = y0.numel() * 4
+    assert (m.state, m.stored) == (state, y0.numel() * 2)
+    budget = StepsSchedule(group=1).predict_peak(m)  # N bf16 states + one step's graph + the rest
+    assert budget < BinomialSchedule(N - 1).predict_peak(m)  # binomial(N - 1) does not fit
     got, rec, meter = run(budget)
     assert rec.schedule == "steps"
     _check_peak(rec, meter, budget, state)
@@ -270,3 +306,81 @@ def test_budget_and_checkpoint_are_exclusive():
         to.solve_ivp(term, _y0(), torch.linspace(0, 1, 3, dtype=torch.float64).repeat(8, 1), method="rampde_rk4",
                      dt0=torch.full((8,), 0.1, dtype=torch.float64), memory_budget="1MB", checkpoint="graphs")
     assert repr(MemoryBudget("2KiB")) == "MemoryBudget(2048)"
+
+
+# ---- schedules as the chooser's interface (issue 27) ---------------------------------------------
+
+@pytest.fixture
+def registry():
+    """The budget's registry, put back as it was after the test."""
+    from rampde_plugins._engine import _candidates
+
+    saved = list(_candidates._CANDIDATES)
+    yield _candidates
+    _candidates._CANDIDATES[:] = saved
+
+
+def _measure_of(n=40, graph=10_000, state=192, **kw):
+    from rampde_plugins._engine._candidates import StepMeasure
+
+    return StepMeasure(graph=graph, output=0, replay=0, state=state, stored=state, n_steps=n, times=(400, 0),
+                       solution=2 * state, adjoint=3 * state, vjp=graph // 2, step=graph + 500, **kw)
+
+
+def test_each_family_finds_its_own_best_instance_and_the_cost_orders_them():
+    m = _measure_of()
+    # binomial: the most checkpoints whose peak fits, from its own closed form
+    for budget in (BinomialSchedule(1).predict_peak(m) + 5 * m.state + 7, BinomialSchedule(17).predict_peak(m)):
+        got = BinomialSchedule.within_budget(m, budget)
+        assert got.predict_peak(m) <= budget < BinomialSchedule(got.c + 1).predict_peak(m)
+    assert BinomialSchedule.within_budget(m, BinomialSchedule(1).predict_peak(m) - 1) is None
+    # segments: the largest k that fits, below N
+    assert SegmentsSchedule.within_budget(m, SegmentsSchedule(8).predict_peak(m)).k == 8
+    assert SegmentsSchedule.within_budget(m, 10**12).k == 16
+    assert [s.k for s in SegmentsSchedule.budget_instances(_measure_of(n=10))] == [8, 4, 2]
+    # the order the budget chooses in: one sweep, then fewer VJPs, then a repeatable backward
+    order = [GraphsSchedule(), SegmentsSchedule(16), SegmentsSchedule(2), StepsSchedule(group=1),
+             BinomialSchedule(39), BinomialSchedule(5), BinomialSchedule(1)]
+    costs = [s.budget_cost(m) for s in order]
+    assert costs == sorted(costs) and len(set(costs)) == len(costs)
+    # the peaks of the whole solve: more than what the schedule holds
+    assert StepsSchedule(group=1).predict_peak(m) > m.n * m.stored + m.graph + m.solution + m.adjoint
+
+
+def test_segments_enter_the_chooser_only_through_their_registration(registry):
+    """The must-show of issue 27: the chooser names no schedule.  Without SegmentsSchedule's
+    registration a budget that fits segments of 16 steps gets "steps"; with it, segments."""
+    field = _field()
+    m, _ = _measure(field, {"step_size": 1.0 / N})
+    budget = SegmentsSchedule(16).predict_peak(m)
+    registry.unregister_budget_candidate(SegmentsSchedule)
+    _, rec, _ = _solve(field, {"step_size": 1.0 / N, "memory_budget": budget})
+    assert rec.schedule == "steps"
+    registry.register_budget_candidate(SegmentsSchedule)
+    _, rec, _ = _solve(field, {"step_size": 1.0 / N, "memory_budget": budget})
+    assert (rec.schedule, rec.segment_steps) == ("segments", 16)
+
+
+def test_a_new_family_is_one_class_and_one_registration(registry):
+    """A schedule written outside the engine: segments of 32 steps, fewer VJPs than 16.  It predicts
+    its peak through the inherited predict_peak, offers its instance, registers -- and is chosen where
+    it fits, with a gradient equal to the unbudgeted one and the budget kept."""
+
+    class LongSegments(SegmentsSchedule):
+        @classmethod
+        def budget_instances(cls, m):
+            return (cls(32),) if m.n > 32 else ()
+
+    field = _field()
+    ref, _, _ = _solve(field, {"step_size": 1.0 / N})
+    m, _ = _measure(field, {"step_size": 1.0 / N})
+    budget = LongSegments(32).predict_peak(m)
+    _, rec, _ = _solve(field, {"step_size": 1.0 / N, "memory_budget": budget})
+    assert rec.segment_steps == 16  # not registered: not a candidate
+    registry.register_budget_candidate(LongSegments)
+    got, rec, meter = _solve(field, {"step_size": 1.0 / N, "memory_budget": budget}, meter=True)
+    assert (rec.schedule, rec.segment_steps, rec.checkpoints) == ("segments", 32, 2)
+    assert rel(got, ref) <= 1e-12
+    _check_peak(rec, meter, budget, _y0().numel() * 8)
+    with pytest.raises(TypeError, match="CheckpointSchedule class"):
+        registry.register_budget_candidate(LongSegments(32))

@@ -90,7 +90,7 @@ def test_gradcheck_in_time_state_and_parameters(schedule):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("schedule", ["graphs", 2, MemoryBudget(4000)], ids=_ids)
+@pytest.mark.parametrize("schedule", ["graphs", 2, MemoryBudget(5000)], ids=_ids)  # (binomial(2): the whole solve fits)
 def test_one_shot_schedules_match_central_differences(schedule):
     """Schedules that free what they kept during the backward allow one backward per solve, so
     gradcheck's row-by-row Jacobian is not available: a directional derivative instead -- one

@@ -36,6 +36,7 @@ from ._drivers import BatchedStepController, StepController
 from ._controller import RmsController, rms_norm
 from ._outputs import INTERPOLATIONS, BatchedOutputs, StageInterpolation
 from ._budget import MemoryBudget, checkpoint_schedule, parse_memory_budget
+from ._candidates import StepMeasure, budget_candidates, register_budget_candidate, unregister_budget_candidate
 from ._schedules import BinomialSchedule, CheckpointSchedule, GraphsSchedule, SegmentsSchedule, StepsSchedule
 from ._steppers import StepData
 from ._implicit import LINEAR_SOLVERS, NewtonFailure, NewtonOptions, newton_options
@@ -45,6 +46,7 @@ __all__ = [
     "solve_grid", "solve_batched", "solve_adaptive", "solve_batched_adaptive", "StepController", "RmsController", "rms_norm",
     "BatchedStepController", "BatchedOutputs", "StepData", "INTERPOLATIONS", "CheckpointSchedule",
     "StepsSchedule", "GraphsSchedule", "SegmentsSchedule", "BinomialSchedule", "checkpoint_schedule",
-    "MemoryBudget", "parse_memory_budget", "NewtonOptions", "NewtonFailure", "StageInterpolation", "newton_options", "LINEAR_SOLVERS",
+    "MemoryBudget", "parse_memory_budget", "StepMeasure", "budget_candidates", "register_budget_candidate",
+    "unregister_budget_candidate", "NewtonOptions", "NewtonFailure", "StageInterpolation", "newton_options", "LINEAR_SOLVERS",
     "QUADRATURE_OPTIONS", "QuadratureOptions", "QuadratureProblem", "quadrature_options", "solve_quadrature",
 ]

@@ -34,21 +34,43 @@ fixed grid needs (``SolveStats.recomputed_steps`` counts it).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._storage import ChunkedStore
+from ._candidates import StepMeasure, register_budget_candidate
 from ._problem import _Carried
 
 __all__ = ["CheckpointSchedule", "StepsSchedule", "GraphsSchedule", "SegmentsSchedule", "BinomialSchedule",
-           "checkpoint_schedule", "CHECKPOINT_CHOICES"]
+           "checkpoint_schedule", "CHECKPOINT_CHOICES", "StepMeasure", "revolve_advances"]
 
 CHECKPOINT_CHOICES = ("'steps' (default)", "'graphs'", "an integer c >= 1 (binomial, c stored states)",
                       "a rampde_plugins schedule object (StepsSchedule, GraphsSchedule, SegmentsSchedule(k), BinomialSchedule(c))")
 
 
 class CheckpointSchedule:
-    """Base of the schedules: ``keeper(n_steps)`` makes the per-solve record (``n_steps`` is None for
-    adaptive steps, whose number is known only after the forward)."""
+    """A checkpoint schedule: what the forward keeps for the backward and how the backward gets each
+    step's graph back.  Subclass it to write one; pass an instance as ``checkpoint``.
+
+    What a subclass implements:
+
+    * ``keeper(n_steps, storage) -> Keeper`` -- the per-solve record (``n_steps`` is None for adaptive
+      steps, whose number is known only after the forward; see :class:`Keeper`);
+    * ``replays_steps(n_steps)`` -- does the backward recompute forward steps (default True);
+
+    and, for :class:`~rampde_plugins.MemoryBudget` to choose it (then registered once with
+    ``register_budget_candidate(Family)``, see ``_candidates``):
+
+    * ``predict_peak(m) -> int | None`` -- the peak bytes of a whole solve (forward and backward:
+      what it keeps, the graphs its largest VJP reverses, the solution, the adjoint, the VJP's own
+      memory) from the measured step ``m`` (a :class:`StepMeasure`), usually through
+      ``m.solve_peak(forward_held, backward_held)``; None: no prediction (never chosen);
+    * ``steps_run(m)`` and ``vjps(m)`` -- forward + backward steps and the number of VJPs, which order
+      the schedules that fit (``budget_cost``);
+    * ``budget_instances(m)`` -- the instances of the family a budget may choose, cheapest first (or
+      ``within_budget(m, budget)`` directly, e.g. from a closed form).
+    """
 
     name = "schedule"
     #: steps rebuilt per VJP in the backward when that is more than one (SolveStats.segment_steps)
@@ -58,6 +80,8 @@ class CheckpointSchedule:
     #: explicit steps are taped stage by stage: the backward holds one stage's graph, not one step's
     #: (``_stagewise``; one more field evaluation per stage)
     stages = False
+    #: a second backward through the same solve works (retain_graph=True): nothing kept is freed
+    repeatable = True
 
     def replays_steps(self, n_steps: int | None) -> bool:
         """Does the backward recompute forward steps (so random numbers and buffer writes must be
@@ -66,6 +90,44 @@ class CheckpointSchedule:
 
     def keeper(self, n_steps: int | None, storage: torch.dtype) -> "Keeper":  # pragma: no cover - interface
         raise NotImplementedError
+
+    # -- what a memory budget asks --------------------------------------------------------------
+    def predict_peak(self, m: StepMeasure) -> int | None:
+        """Peak bytes of a whole solve under this schedule, predicted from the measured step ``m``
+        (see ``_candidates``); None where this schedule does not predict one."""
+        return None
+
+    def steps_run(self, m: StepMeasure) -> int:
+        """Steps run by the forward and the backward together (with or without a graph)."""
+        return 2 * m.n
+
+    def vjps(self, m: StepMeasure) -> int:
+        """VJPs the backward takes (each costs autograd's per-call overhead)."""
+        return m.n
+
+    def budget_cost(self, m: StepMeasure) -> tuple:
+        """What a budget minimises among the schedules that fit, compared in order: sweeps over the
+        grid (``ceil(steps_run / N)``: a schedule that saves a fraction of a sweep saves less than its
+        bookkeeping costs -- measured, binomial with N - 1 checkpoints is not faster than "steps",
+        benchmarks/results/schedules-cpu.md), VJPs (the per-call cost a small field's backward pays
+        for most), a backward that can be repeated, then the exact steps run."""
+        steps = self.steps_run(m)
+        return (-(-steps // max(m.n, 1)), self.vjps(m), not self.repeatable, steps)
+
+    @classmethod
+    def budget_instances(cls, m: StepMeasure):
+        """The instances of this family a budget may choose for ``m``, cheapest first (none: a
+        budget never chooses this family)."""
+        return ()
+
+    @classmethod
+    def within_budget(cls, m: StepMeasure, budget: int) -> "CheckpointSchedule | None":
+        """The cheapest instance of this family whose predicted peak fits ``budget`` bytes, or None."""
+        for schedule in cls.budget_instances(m):
+            peak = schedule.predict_peak(m)
+            if peak is not None and peak <= budget:
+                return schedule
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -102,6 +164,26 @@ class StepsSchedule(CheckpointSchedule):
     def keeper(self, n_steps, storage):
         return _StatesKeeper(self, n_steps, storage, every=1)
 
+    def _group_size(self, m: StepMeasure) -> int:
+        """Steps per VJP (at most: fp16's dynamic scaling reverses one at a time)."""
+        if self.group is not None:
+            return self.group
+        return max(1, min(GROUP_MAX, GROUP_BYTES // max(m.one_graph(), 1)))
+
+    def predict_peak(self, m):
+        if m.n_steps is None or self.stages:  # (stage-wise graphs are not measured)
+            return None
+        held = m.fp(m.n * m.stored)  # one tensor for all states
+        return m.solve_peak(held, held + m.widen + m.chain_graph(min(self._group_size(m), m.n)))
+
+    def vjps(self, m):
+        return -(-m.n // self._group_size(m))
+
+    @classmethod
+    def budget_instances(cls, m):
+        # one step per VJP (the least memory "steps" can have; grouping is what segments do)
+        return (cls(group=1),)
+
     def __repr__(self) -> str:
         args = [] if self.group is None else [f"group={self.group}"]
         return f"StepsSchedule({', '.join(args + _stages_arg(self))})"
@@ -125,6 +207,23 @@ class SegmentsSchedule(CheckpointSchedule):
     def keeper(self, n_steps, storage):
         return _StatesKeeper(self, n_steps, storage, every=self.k)
 
+    def predict_peak(self, m):
+        if m.n_steps is None or self.stages:  # (stage-wise graphs are not measured)
+            return None
+        held = m.fp(-(-m.n // self.k) * m.stored)  # one tensor for the kept states
+        return m.solve_peak(held, held + m.widen + m.chain_graph(min(self.k, m.n)))
+
+    def vjps(self, m):
+        return -(-m.n // self.k)
+
+    @classmethod
+    def budget_instances(cls, m):
+        # The same steps as "steps" with one VJP per k steps instead of one per step -- what a small
+        # field's backward pays for most (benchmarks/results/schedules-cpu.md: problem (b) 1.08x
+        # torchdiffeq with k = 16, 1.39x with one VJP per step; k = 64 is no faster than 16, so 16
+        # is the largest offered).  Largest first: fewest VJPs.
+        return tuple(cls(k) for k in SEGMENT_SIZES if k < m.n)
+
     def __repr__(self) -> str:
         return f"SegmentsSchedule({', '.join([str(self.k)] + _stages_arg(self))})"
 
@@ -142,12 +241,26 @@ class GraphsSchedule(CheckpointSchedule):
     samples that rejected it are the identity (``_drivers._mask_tape``)."""
 
     name = "graphs"
+    repeatable = False
 
     def replays_steps(self, n_steps):
         return False
 
     def keeper(self, n_steps, storage):
         return _GraphsKeeper(self)
+
+    def predict_peak(self, m):
+        if m.n_steps is None:
+            return None
+        # forward: the graphs of the steps before the last, while the last is built (``m.step``)
+        return m.solve_peak(m.all_graphs() - m.graph - m.kept, m.all_graphs(), recomputes=False)
+
+    def steps_run(self, m):
+        return m.n
+
+    @classmethod
+    def budget_instances(cls, m):
+        return (cls(),)
 
 
 class BinomialSchedule(CheckpointSchedule):
@@ -157,6 +270,7 @@ class BinomialSchedule(CheckpointSchedule):
     (one more evaluation per stage of every reversed step; explicit methods only)."""
 
     name = "binomial"
+    repeatable = False
 
     def replays_steps(self, n_steps):
         # one step is taped in the forward: nothing is recomputed (but its stages, stage by stage)
@@ -169,8 +283,44 @@ class BinomialSchedule(CheckpointSchedule):
     def keeper(self, n_steps, storage):
         return _BinomialKeeper(self, n_steps)
 
+    def predict_peak(self, m):
+        if m.n_steps is None or self.stages:  # (stage-wise graphs are not measured)
+            return None
+        held = min(self.c, m.n) * m.state
+        return m.solve_peak(held, held + m.one_graph())
+
+    def steps_run(self, m):
+        return revolve_advances(m.n, min(self.c, max(m.n - 1, 1))) + m.n
+
+    @classmethod
+    def within_budget(cls, m, budget):
+        # The peak grows by one state per checkpoint: the most that fit, from one checkpoint's peak.
+        least = cls(1).predict_peak(m)
+        if least is None or least > budget:
+            return None
+        c = m.n if m.state <= 0 else min(m.n, 1 + (budget - least) // m.state)
+        return cls(max(int(c), 1))
+
     def __repr__(self) -> str:
         return f"BinomialSchedule({', '.join([str(self.c)] + _stages_arg(self))})"
+
+
+#: segment lengths a budget offers, fewest VJPs first
+SEGMENT_SIZES = (16, 8, 4, 2)
+
+
+def revolve_advances(n_steps: int, c: int) -> int:
+    """Steps advanced without a graph by binomial checkpointing of ``n_steps`` steps with ``c``
+    checkpoints, ``y0`` one of them, the forward sweep included (Griewank's t(l, c)): with ``r`` the
+    least number of sweeps for which ``C(c + r, c) >= l``, ``t = r l - C(c + r, r - 1)``."""
+    if n_steps <= 1:
+        return 0
+    if c == 1:  # r = l - 1: every step advanced from y0 again
+        return n_steps * (n_steps - 1) // 2
+    r = 0
+    while math.comb(c + r, c) < n_steps:
+        r += 1
+    return r * n_steps - math.comb(c + r, r - 1)
 
 
 def _positive_int(owner: str, name: str, value) -> int:
@@ -189,6 +339,13 @@ def _flag(owner: str, name: str, value) -> bool:
 
 def _stages_arg(schedule) -> list[str]:
     return ["stages=True"] if schedule.stages else []
+
+
+# The families a memory budget chooses from (the chooser names none of them: see _candidates).
+register_budget_candidate(GraphsSchedule)
+register_budget_candidate(SegmentsSchedule)
+register_budget_candidate(StepsSchedule)
+register_budget_candidate(BinomialSchedule)
 
 
 def checkpoint_schedule(spec, *, owner: str = "checkpoint") -> CheckpointSchedule:
@@ -268,16 +425,19 @@ class _StatesKeeper(Keeper):
         self.schedule, self.every, self.storage = schedule, every, storage
         self.n_steps = n_steps
         self._fixed = None
-        self._store = ChunkedStore() if n_steps is None or every > 1 else None
+        # A known grid: one preallocated tensor of exactly the states kept (a ChunkedStore would
+        # allocate up to 1 MiB more than the entries: counted in full by CUDA's allocator).
+        self._store = ChunkedStore() if n_steps is None else None
         self._k0 = _Carried()
 
     def keep(self, n, y, k0):
         if n % self.every:
             return
-        if self._store is None:  # steps on a known grid: one preallocated tensor
+        if self._store is None:  # a known grid: one preallocated tensor
             if self._fixed is None:
-                self._fixed = torch.empty((self.n_steps, *y.shape), dtype=self.storage, device=y.device)
-            self._fixed[n] = y
+                count = -(-self.n_steps // self.every)
+                self._fixed = torch.empty((count, *y.shape), dtype=self.storage, device=y.device)
+            self._fixed[n // self.every] = y
         else:
             self._store.append(y.to(self.storage))
         if k0 is not None:
