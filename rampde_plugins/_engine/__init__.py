@@ -21,7 +21,7 @@ Two time layouts share this machinery: one grid for the whole state (torchdiffeq
 leave their state unchanged exactly).  Where outputs fall and how they are interpolated is an
 *output plan* (:class:`_SharedTimeOutputs`, :class:`BatchedOutputs`), built on the host once per solve.
 
-Modules, one job each: ``_steppers`` (one step and its kernels), ``_times`` (grids and stage-time
+Modules, one job each: ``_steppers`` (the stepper protocol, the explicit stepper and its kernels), ``_times`` (grids and stage-time
 tables), ``_outputs`` (output plans), ``_problem`` (the record a solve's forward and backward share),
 ``_drivers`` (fixed-grid and adaptive forward loops), ``_schedules`` (what the forward keeps for the
 backward: checkpoint schedules), ``_budget`` (memory budgets: measure one step, choose a schedule), ``_implicit`` (the DIRK stepper:
@@ -38,13 +38,13 @@ from ._outputs import INTERPOLATIONS, BatchedOutputs, StageInterpolation
 from ._budget import MemoryBudget, checkpoint_schedule, parse_memory_budget
 from ._candidates import StepMeasure, budget_candidates, register_budget_candidate, unregister_budget_candidate
 from ._schedules import BinomialSchedule, CheckpointSchedule, GraphsSchedule, SegmentsSchedule, StepsSchedule
-from ._steppers import StepData
+from ._steppers import ExplicitStepper, StepData, Stepper, register_stepper
 from ._implicit import LINEAR_SOLVERS, NewtonFailure, NewtonOptions, newton_options
 from ._quadrature import QUADRATURE_OPTIONS, QuadratureOptions, QuadratureProblem, quadrature_options, solve_quadrature
 
 __all__ = [
     "solve_grid", "solve_batched", "solve_adaptive", "solve_batched_adaptive", "StepController", "RmsController", "rms_norm",
-    "BatchedStepController", "BatchedOutputs", "StepData", "INTERPOLATIONS", "CheckpointSchedule",
+    "BatchedStepController", "BatchedOutputs", "StepData", "Stepper", "ExplicitStepper", "register_stepper", "INTERPOLATIONS", "CheckpointSchedule",
     "StepsSchedule", "GraphsSchedule", "SegmentsSchedule", "BinomialSchedule", "checkpoint_schedule",
     "MemoryBudget", "parse_memory_budget", "StepMeasure", "budget_candidates", "register_budget_candidate",
     "unregister_budget_candidate", "NewtonOptions", "NewtonFailure", "StageInterpolation", "newton_options", "LINEAR_SOLVERS",

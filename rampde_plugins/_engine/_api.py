@@ -17,7 +17,8 @@ from ._drivers import BatchedStepController, StepController, _adaptive_forward, 
 from ._outputs import INTERPOLATIONS, BatchedOutputs, _SharedTimeOutputs
 from ._problem import _check_storage, _Problem, _with_replay
 from ._budget import MemoryBudget, checkpoint_schedule, resolve_budget
-from ._implicit import DirkStepper, newton_options
+from ._implicit import newton_options
+from ._steppers import make_stepper
 from ._times import _check_time_dtype
 
 
@@ -338,7 +339,7 @@ def _new_problem(f, y0, tableau, policy, params, outputs, scaler, method, param_
                 f"checkpoint={schedule!r}: stage-by-stage VJPs (stages=True) are for explicit methods; "
                 f"{prob.record.method!r} is implicit (its Newton iterations are not stages with fixed inputs). "
                 f"Use the same schedule without stages=True, or an explicit method (e.g. 'rampde_rk4')")
-        prob.stepper = DirkStepper(prob, newton)
+    prob.stepper = make_stepper(prob, newton)
     return prob
 
 

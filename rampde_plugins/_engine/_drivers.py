@@ -262,8 +262,7 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
             else:
                 err = _lincomb(ks, tab.b_err)
                 err = torch.zeros_like(y) if err is None else err * h_float
-                if prob.stepper is not None:
-                    err = prob.stepper.filter_error(err)
+                err = prob.stepper.filter_error(err)
             accepted = controller.judge(t, t1, h, y, y1, err)
             if failure is not None and accepted:  # (at min_step the controller accepts anything)
                 raise failure
@@ -458,8 +457,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
             anchors.append(anchored)
         n = 0
         out_steps = torch.full(outputs.t_eval.shape, math.nan, dtype=time_dtype, device=t.device)
-        if prob.stepper is not None:
-            prob.stepper.reject_per_sample = True  # one sample's Newton failure is its own rejection
+        prob.stepper.reject_per_sample = True  # one sample's failed step (Newton) is its own rejection
         while bool(running.any()):
             if max_steps is not None and int(n_steps.max()) >= max_steps:
                 status = torch.where(running, 3, status)  # torchode's REACHED_MAX_STEPS
@@ -488,7 +486,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                 failure, tape = exc, None
                 record.newton_failures += 1
                 y1, ks = y, [k0] * tableau.stages
-            if failure is None and prob.stepper is not None and prob.stepper.failed is not None:
+            if failure is None and prob.stepper.failed is not None:
                 failed = prob.stepper.failed & running
                 record.newton_failures += int(failed.sum())
             nfe += tape.nfe if tape is not None else tableau.stages - 1
@@ -501,8 +499,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
             else:
                 err = _lincomb(ks, tableau.b_err)
                 err = torch.zeros_like(y) if err is None else err * h_state
-                if prob.stepper is not None:
-                    err = prob.stepper.filter_error(err)
+                err = prob.stepper.filter_error(err)
             if failed is not None:
                 rows = failed.reshape(-1, *([1] * (y.ndim - 1)))
                 y1 = torch.where(rows, y, y1)

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from ._linear import DenseSolver, KrylovSolver, Layout, gmres, rms, vjp_or_zeros
-from ._steppers import _axpy, _bad_velocity
+from ._steppers import Stepper, _axpy, _bad_velocity, register_stepper
 
 __all__ = ["NewtonOptions", "NewtonFailure", "newton_options", "LINEAR_SOLVERS"]
 
@@ -137,8 +137,10 @@ class _TransposedStageSolve(torch.autograd.Function):
         return ctx.solver(g), None
 
 
-class DirkStepper:
+class DirkStepper(Stepper):
     """The stepper of a diagonally implicit tableau: ``step(y, times, h, k0) -> (y_next, stages)``."""
+
+    implicit = True
 
     def __init__(self, prob, options: NewtonOptions):
         self.prob, self.opts = prob, options
@@ -174,7 +176,7 @@ class DirkStepper:
 
     # -- one step ---------------------------------------------------------------------------------
 
-    def step(self, y, times, h, k0=None):
+    def step(self, y, times, h, k0=None, f=None):  # (f: explicit steppers' stage-wise field; unused)
         prob, tab = self.prob, self.prob.tableau
         layout = Layout(y, prob.per_sample)
         graph = torch.is_grad_enabled()
@@ -368,3 +370,6 @@ class DirkStepper:
             return layout.unflat(lam).to(g.dtype)
 
         return solve
+
+
+register_stepper("dirk", DirkStepper)

@@ -15,7 +15,7 @@ from .._scaler import AdjointScaler
 from .._storage import ChunkedStore
 from .._watch import FieldWatch
 from .._tableau import ButcherTableau
-from ._steppers import _axpy, _bad_velocity, _check_velocity
+from ._steppers import _check_velocity
 
 
 @dataclass
@@ -62,7 +62,7 @@ class _Problem:
     measure: bool = False
     held_graph_bytes: int = 0
     time_bytes: tuple = (0, 0)  # the time grid kept for the backward: fixed bytes, bytes per step
-    # an implicit tableau's stepper (Newton per stage, see _implicit); None: the explicit RK step
+    # the method's stepper (_steppers.Stepper: explicit RK, or DIRK with Newton per stage, _implicit)
     stepper: object = None
     # the dtype the field receives its time in, if narrower than the engine's (torchdiffeq: float32
     # for a float32 state while its controller runs in float64): time nudges are taken there
@@ -177,24 +177,7 @@ class _Problem:
         state dtype that broadcasts against ``y``.  ``f``: the field to evaluate the stages with
         (default: the solve's; a stage-wise tape passes its checkpointed one, ``_stagewise``).
         """
-        if self.stepper is not None:
-            return self.stepper.step(y, times, h, k0)
-        f, tab, state_dtype = f or self.f, self.tableau, self.policy.state_dtype
-        ks: list[torch.Tensor] = []
-        for i in range(tab.stages):
-            if i == 0 and k0 is not None:
-                ks.append(k0)
-                continue
-            yi = _axpy(y, h, ks, tab.a[i]) if i else y
-            k = f(times[i], yi)
-            if type(k) is not torch.Tensor or k.shape != y.shape or not k.dtype.is_floating_point:
-                _bad_velocity(k, y, times[i])
-            if k.dtype != state_dtype:
-                # Velocities may come back in fp16/bf16; every combination is formed in the state
-                # dtype (a 0-d h would not promote a half-precision k).
-                k = k.to(state_dtype)
-            ks.append(k)
-        return _axpy(y, h, ks, tab.b), ks
+        return self.stepper.step(y, times, h, k0, f)
 
 
 class _Carried:
@@ -264,7 +247,7 @@ def _probe_first(prob: _Problem, t_first, y):
 def _with_replay(prob: _Problem, run, store: bool):
     """Run a forward (``run(replaying)``); again, replayed, if the field turned out to draw random
     numbers or write buffers only after its first evaluation (see :mod:`._replay`)."""
-    if prob.stepper is not None and prob.replay is not None:
+    if prob.replay is not None:
         return prob.stepper.deterministic(prob.replay, lambda: _with_replay_once(prob, run, store))
     return _with_replay_once(prob, run, store)
 

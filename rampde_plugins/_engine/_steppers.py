@@ -1,14 +1,18 @@
-"""One explicit Runge--Kutta step, its linear-combination kernels and the per-evaluation checks.
+"""Steppers: one step of a Runge--Kutta method, behind one protocol (:class:`Stepper`), and the
+explicit stepper, its linear-combination kernels and the per-evaluation checks.
 
-The *stepper* of the engine: ``step(y, times, h, k0) -> (y_next, stages)``.  Its VJP is autograd's
-over the rebuilt step (the adjoint sweep takes one ``autograd.grad`` per tape), so an explicit
-stepper needs nothing else; an implicit one will bring its own transposed solves.
+A stepper attempts one step: ``step(y, times, h, k0, f) -> (y_next, stages)``.  The forward
+drivers (fixed grid, shared-time adaptive, per-sample adaptive) and every schedule's tapes call it
+and nothing else; its VJP is autograd's over the rebuilt step (the adjoint sweep takes one
+``autograd.grad`` per tape), so an explicit stepper needs nothing more, and an implicit one brings
+its own transposed solves inside its graph (``_implicit``).  A stepper kind is one class plus one
+:func:`register_stepper` call in its own module; :func:`make_stepper` picks it by the tableau's kind.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import math
 
@@ -142,3 +146,84 @@ def _check_velocity(k, y, t):
     if type(k) is not torch.Tensor or k.shape != y.shape or not k.dtype.is_floating_point:
         _bad_velocity(k, y, t)
     return k
+
+
+class Stepper:
+    """The stepper protocol (with the defaults of a stepper that cannot fail).
+
+    * ``step(y, times, h, k0=None, f=None) -> (y_next, stages)``: one step from ``y`` (state dtype)
+      with stage times ``times``; ``h`` a Python float (shared time, no time gradient) or a tensor
+      broadcasting against ``y``; ``k0`` a first stage already evaluated (FSAL, carried); ``f`` the
+      field to evaluate stages with (default the solve's; stage-wise tapes pass theirs);
+    * ``filter_error(err)``: the error estimate the controller sees (an implicit stepper filters its
+      stiff components);
+    * ``failed``: after a per-sample step, the groups whose step failed (None: none can fail);
+      ``reject_per_sample``: set by the per-sample adaptive driver (fail a group, not the batch);
+    * ``deterministic(replay, run)``: run a forward, refusing fields this stepper cannot honour;
+    * ``implicit``: Newton per stage -- no stage-wise VJPs, no shared per-step weight casts.
+    """
+
+    implicit = False
+    failed = None
+    reject_per_sample = False
+
+    def __init__(self, prob, options=None):
+        self.prob = prob
+
+    def step(self, y, times, h, k0=None, f=None):  # pragma: no cover - protocol
+        raise NotImplementedError
+
+    def filter_error(self, err: torch.Tensor) -> torch.Tensor:
+        return err
+
+    def deterministic(self, replay, run):
+        return run()
+
+
+class ExplicitStepper(Stepper):
+    """An explicit Runge--Kutta step: ``k_i = f(t_n + c_i h, y_n + h sum_j a_ij k_j)``, every
+    combination formed in the state dtype."""
+
+    def step(self, y, times, h, k0=None, f=None):
+        prob = self.prob
+        f, tab, state_dtype = f or prob.f, prob.tableau, prob.policy.state_dtype
+        ks: list[torch.Tensor] = []
+        for i in range(tab.stages):
+            if i == 0 and k0 is not None:
+                ks.append(k0)
+                continue
+            yi = _axpy(y, h, ks, tab.a[i]) if i else y
+            k = f(times[i], yi)
+            if type(k) is not torch.Tensor or k.shape != y.shape or not k.dtype.is_floating_point:
+                _bad_velocity(k, y, times[i])
+            if k.dtype != state_dtype:
+                # Velocities may come back in fp16/bf16; every combination is formed in the state
+                # dtype (a 0-d h would not promote a half-precision k).
+                k = k.to(state_dtype)
+            ks.append(k)
+        return _axpy(y, h, ks, tab.b), ks
+
+
+_STEPPERS: dict[str, Callable] = {}
+
+
+def register_stepper(kind: str, factory: Callable) -> None:
+    """Make ``factory(prob, options) -> Stepper`` the stepper of tableaus of ``kind``
+    (:func:`stepper_kind`)."""
+    _STEPPERS[kind] = factory
+
+
+def stepper_kind(tableau) -> str:
+    """``"explicit"`` or ``"dirk"`` (diagonally implicit: ``tableau.implicit``)."""
+    return "dirk" if tableau.implicit else "explicit"
+
+
+def make_stepper(prob, options=None) -> Stepper:
+    """The registered stepper for ``prob.tableau``'s kind."""
+    kind = stepper_kind(prob.tableau)
+    if kind not in _STEPPERS:  # pragma: no cover - every built-in kind registers on import
+        raise ValueError(f"no stepper is registered for {kind!r} tableaus ({prob.tableau.name!r})")
+    return _STEPPERS[kind](prob, options)
+
+
+register_stepper("explicit", ExplicitStepper)

@@ -207,7 +207,7 @@ def _step_cast_dtype(prob):
 
     Explicit Runge--Kutta steps only: an implicit stepper's Newton iterations evaluate the field many
     times per step, and its graph is its own business (``_implicit``)."""
-    return prob.policy.compute_dtype if prob.stepper is None else None
+    return None if prob.stepper.implicit else prob.policy.compute_dtype
 
 
 def _step_with_cast_cache(prob, dtype, y, stage_t, hs, k0):
