@@ -120,12 +120,23 @@ class StepReplay:
 
         Returns (its result, bytes one step's replay record takes if the field draws random numbers
         or writes buffers as ``run`` did: 0 when it does neither)."""
+        from ._watch import FieldWatch  # (the watch sees tensors a closure writes, not only buffers)
+
         rng, values, versions = self._snapshot()
+        watch = FieldWatch(known=self.buffers)
         try:
-            out = run()
+            with watch:
+                out = run()
+            outside = watch.external_writes()
             draws, writes = not self._same_rng(self._rng_state(), rng), self._written(versions, values)
         finally:
             self._apply((rng, values))
+            with torch.no_grad():
+                for tensor, before in watch.external_writes():
+                    tensor.copy_(before)
+        if outside:
+            writes = True
+            values = [*values, *(before for _, before in outside)]
         nbytes = 0
         if draws:
             nbytes += rng[0].numel() + (rng[1].numel() if rng[1] is not None else 0)

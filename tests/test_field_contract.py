@@ -266,3 +266,47 @@ def test_a_closure_tensor_that_requires_grad_is_still_reported_with_graphs():
     with pytest.raises(ValueError, match="not among the parameters"):
         odeint(lambda t, y: -a * y, torch.ones(3, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64),
                method="rampde_rk4", options={"step_size": 0.1, "checkpoint": "graphs"})
+
+
+def test_memory_budget_measurement_puts_back_what_a_closure_writes():
+    """A budget measures one step before the forward; a BatchNorm inside a plain closure was updated
+    by that measurement (4 batches more than torchdiffeq tracks after an rk4 step)."""
+
+    def run(name, opts):
+        torch.manual_seed(1)
+        f = _BNField().double()
+        y0 = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        if name.startswith("rampde_"):
+            opts = dict(opts, adjoint_params=tuple(f.parameters()))
+        odeint(lambda t, y: f(t, y), y0, torch.linspace(0, 1, 3, dtype=torch.float64), method=name,
+               options=opts).sum().backward()
+        return f.bn.num_batches_tracked.item(), f.bn.running_mean.clone()
+
+    ref = run("rk4", {"step_size": 0.125})
+    got = run("rampde_rk4", {"step_size": 0.125, "memory_budget": "1GB"})
+    assert got[0] == ref[0] and torch.allclose(got[1], ref[1], rtol=0, atol=1e-12)
+
+
+def test_implicit_first_stage_values_do_not_depend_on_grad_mode():
+    """sdirk2's first stage is implicit: the probe (a backward to come) was handed to the first step
+    as its Newton guess, which the solve without grad does not have -- values 1e-14 apart."""
+    a = torch.tensor([[-2.0, 1.0], [0.5, -3.0]], dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[1.0, -0.5], [0.3, 0.8]], dtype=torch.float64)
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+    opts = {"step_size": 0.125, "adjoint_params": (a,)}
+    with_grad = odeint(lambda t, y: y @ a, y0, t, method="rampde_sdirk2", options=opts)
+    with torch.no_grad():
+        without = odeint(lambda t, y: y @ a, y0, t, method="rampde_sdirk2", options=opts)
+    assert torch.equal(with_grad.detach(), without)
+
+
+@pytest.mark.parametrize("key,value", [("checkpoint", "graphs"), ("checkpoint", 2), ("memory_budget", "1GB")])
+def test_odeint_adjoint_refuses_schedule_options_it_cannot_follow(key, value):
+    """odeint_adjoint runs the quadrature adjoint, which keeps no states: a checkpoint schedule or a
+    memory budget was silently ignored there."""
+    from torchdiffeq import odeint_adjoint
+
+    f = torch.nn.Linear(2, 2).double()
+    with pytest.raises(ValueError, match=rf"options\['{key}'\].*quadrature adjoint.*torchdiffeq.odeint"):
+        odeint_adjoint(lambda t, y: f(y), torch.ones(3, 2, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64),
+                       method="rampde_rk4", options={"step_size": 0.1, key: value}, adjoint_params=tuple(f.parameters()))
