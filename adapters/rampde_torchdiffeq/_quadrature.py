@@ -99,8 +99,8 @@ def quadrature_adjoint(adapter, func, y0, t, rtol, atol, method, options, event_
             raise ValueError(
                 f"{owner}: options[{key!r}]={options[key]!r} has no effect here: odeint_adjoint runs rampde's "
                 "quadrature adjoint, which keeps no states or graphs (its backward integrates the state back). "
-                f"Drop options[{key!r}], or use torchdiffeq.odeint with method={method!r}, whose discrete adjoint "
-                "follows the checkpoint schedule or memory budget")
+                f"Drop it, or use torchdiffeq.odeint(..., method={method!r}), whose discrete adjoint follows the "
+                "checkpoint schedule or memory budget")
     if not (isinstance(adjoint_method, str) and adapter.owns(adjoint_method)):
         raise ValueError(_NOT_RAMPDE.format(method=method, adjoint=adjoint_method))
     if event_fn is not None:
