@@ -12,7 +12,7 @@ step cap -- or all of:
   families the host's own method; integer buffers (``num_batches_tracked``, the call counter)
   exactly, BatchNorm's running statistics to 1e-9 relative in fp64 (adaptive steps equal the host's
   only to the rounding the step-size control amplifies: 1e-10 here, where the outputs agree to
-  1e-15) and to 1e-2 in bf16 (statistics of bf16 activations);
+  1e-15) and to ``BF16_BUFFER_BOUND`` in bf16 (statistics of bf16 activations);
 * gradient (w.r.t. ``y0`` and every differentiated tensor): within ``FP64_BOUND`` (1e-10) of the fp64
   reference through the same steps; bf16 within ``BF16_BOUND`` (the README's 5e-3), the dropout and
   BatchNorm fields within ``BF16_NOISY_BOUND`` (2e-2: torchode's own method under bf16 autocast is
@@ -44,6 +44,10 @@ from .invariant_cells import (ALL_CELLS, BF16_BOUND, BF16_NOISY_BOUND, BF16_QUAD
 #: bf16 forward against the same solve under no_grad / "steps": the same operations on the same
 #: numbers, so equal but for the order of fp32 sums.
 BF16_FORWARD = 1e-6
+#: bf16 running statistics against the fp64 reference's (relative, each buffer): statistics of bf16
+#: activations.  Measured for the host's own method under bf16 autocast: 1.5e-3 to 3.2e-3 on the fixed
+#: grids, up to 3.3e-2 on torchdiffeq's adaptive steps (bn-closure running_var; rampde the same there).
+BF16_BUFFER_BOUND = 5e-2
 
 
 def _rel(a, b):
@@ -68,11 +72,15 @@ def _compare_buffers(got, want, policy, what):
         elif not ref.is_floating_point():
             if not torch.equal(val, ref):
                 problems.append(f"[buffer] {name} = {val.tolist()} after backward, {what} leaves {ref.tolist()}")
-        else:
-            rtol, atol = (1e-9, 1e-12) if policy == "fp64" else (1e-2, 1e-3)
-            if not torch.allclose(val.double(), ref.double(), rtol=rtol, atol=atol):
+        elif policy == "fp64":
+            if not torch.allclose(val.double(), ref.double(), rtol=1e-9, atol=1e-12):
                 diff = float((val.double() - ref.double()).abs().max())
                 problems.append(f"[buffer] {name} differs from what {what} leaves (max |diff| {diff:.3g})")
+        else:
+            err = _rel(val, ref)
+            if not err <= BF16_BUFFER_BOUND:
+                problems.append(f"[buffer] {name} {err:.3g} (relative) from what {what} leaves in fp64, bound "
+                                f"{BF16_BUFFER_BOUND:g}")
     return problems
 
 
