@@ -41,7 +41,7 @@ __all__ = ["StepReplay"]
 class StepReplay:
     """Per-solve record of what each recomputed step must see again (see the module docstring)."""
 
-    __slots__ = ("buffers", "cuda_device", "rng", "mutates", "tokens", "_s0", "_v0", "_b0")
+    __slots__ = ("buffers", "cuda_device", "rng", "mutates", "tokens", "_s0", "_v0", "_b0", "adopted", "last_outside")
 
     def __init__(self, buffers: Sequence[torch.Tensor], device: torch.device):
         # The same tensor may be reachable twice (shared submodules); copy and restore it once.
@@ -58,6 +58,10 @@ class StepReplay:
         # (n, "k0") for a first stage evaluated before step n's trial (adaptive steps)
         self.tokens: dict = {}
         self._s0 = self._b0 = self._v0 = None
+        #: (tensor, value before the first write) of every tensor adopted from a field watch
+        self.adopted: list = []
+        #: what the last :meth:`isolated` run wrote outside the buffers: [(tensor, value before)]
+        self.last_outside: list = []
 
     @property
     def active(self) -> bool:
@@ -99,6 +103,7 @@ class StepReplay:
                 continue
             ids.add(id(tensor))
             self.buffers.append(tensor)
+            self.adopted.append((tensor, before))
             if self._b0 is not None:
                 self._b0.append(before)
                 self._v0.append(-1)  # written since the start, whatever its version counter says
@@ -134,6 +139,7 @@ class StepReplay:
             with torch.no_grad():
                 for tensor, before in watch.external_writes():
                     tensor.copy_(before)
+        self.last_outside = outside
         if outside:
             writes = True
             values = [*values, *(before for _, before in outside)]
@@ -149,14 +155,21 @@ class StepReplay:
         ``changed``: it drew random numbers or wrote buffers.  Then, and after an exception, the
         generators and buffers are put back as they were before it."""
         rng, values, versions = self._snapshot()
+        n_buffers, n_adopted = len(self.buffers), len(self.adopted)
         out, exc = None, None
         try:
             out = run()
         except Exception as e:  # noqa: BLE001 - handed back to the caller, who raises it
             exc = e
-        changed = not self._same_rng(self._rng_state(), rng) or self._written(versions, values)
+        # (tensors adopted during the run -- a closure's writes seen by the probe -- were written)
+        adopted = self.adopted[n_adopted:]
+        changed = (not self._same_rng(self._rng_state(), rng) or bool(adopted)
+                   or self._written(versions[:n_buffers], values))
         if changed or exc is not None:
             self._apply((rng, values))
+            with torch.no_grad():
+                for tensor, before in adopted:
+                    tensor.copy_(before)
         return out, changed, exc
 
     def _snapshot(self):

@@ -310,3 +310,30 @@ def test_odeint_adjoint_refuses_schedule_options_it_cannot_follow(key, value):
     with pytest.raises(ValueError, match=rf"options\['{key}'\].*quadrature adjoint.*Drop it.*torchdiffeq.odeint\("):
         odeint_adjoint(lambda t, y: f(y), torch.ones(3, 2, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64),
                        method="rampde_rk4", options={"step_size": 0.1, key: value}, adjoint_params=tuple(f.parameters()))
+
+
+@pytest.mark.parametrize("route", ["odeint_adjoint", "sdirk2-steps", "sdirk2-graphs", "kvaerno3-adaptive"])
+def test_batchnorm_in_a_closure_is_refused_where_a_module_is_and_left_untouched(route):
+    """The quadrature adjoint and implicit methods refuse a field that writes buffers (its module's);
+    a BatchNorm inside a plain closure was accepted silently by the quadrature adjoint and by "graphs"
+    with an implicit method, and where refused its running statistics were left written."""
+    from torchdiffeq import odeint_adjoint
+
+    torch.manual_seed(1)
+    f = _BNField().double()
+    before = [b.clone() for b in f.buffers()]
+    y0 = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+    params = tuple(f.parameters())
+    with pytest.raises(ValueError, match=r"random numbers or writes buffers.*eval\(\)"):
+        if route == "odeint_adjoint":
+            odeint_adjoint(lambda t, y: f(t, y), y0, t, method="rampde_rk4", options={"step_size": 0.125},
+                           adjoint_params=params)
+        else:
+            method, schedule = route.split("-")
+            opts = {"adjoint_params": params}
+            if schedule != "adaptive":
+                opts.update(step_size=0.125, checkpoint=schedule)
+            odeint(lambda t, y: f(t, y), y0, t, method="rampde_" + method, rtol=1e-5, atol=1e-7, options=opts)
+    for b, b0 in zip(f.buffers(), before):
+        assert torch.equal(b, b0)

@@ -348,6 +348,11 @@ class _QuadratureAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qp: QuadratureProblem, y0, t, *params):
         replay = StepReplay(qp.buffers, y0.device)
+        # One evaluation first, watched and put back: tensors the field writes besides its module
+        # buffers (a BatchNorm inside a plain closure) join the buffers the forward is guarded on.
+        with torch.no_grad():
+            replay.isolated(lambda: qp.f(t[0], y0.detach()))
+        replay.adopt(replay.last_outside)
 
         def run():
             with collect_stats() as mine:

@@ -171,6 +171,8 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
             cur = y_next
     if isinstance(seen, FieldWatch):
         prob.created_inside |= seen.created
+        if prob.replay is not None:  # (a closure's in-place writes: an implicit method then refuses the field)
+            prob.replay.adopt(seen.external_writes())
     tape.y_leaf, tape.k0_leaf, tape.pts = y_leaf, k0_leaf, pts
     # A tape kept until the backward ("graphs") keeps what it holds alive that long: an empty tuple
     # instead of an empty list is one Python object fewer per step for the garbage collector to
