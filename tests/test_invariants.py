@@ -36,6 +36,7 @@ import torch
 
 import rampde_plugins
 
+from .host_helpers import needs_torchdiffeq_callbacks
 from .invariant_cells import (ALL_CELLS, BF16_BOUND, BF16_NOISY_BOUND, BF16_QUADRATURE_BOUND, DIMENSIONS, F64,
                               FP64_BOUND, MAX_STEPS, NOISY_FIELDS, QUADRATURE_BOUND, REFUSED, SEED, STEP, T_OUT, Cell, _first_line, budget_of,
                               cell_id, gradient, make_field, matches_refusal, ode_gradient, pairs_of, pairwise_cover,
@@ -287,6 +288,7 @@ def test_dirk_fixed_reference_equals_autograd_dirk(host):
     assert _rel(ref.grad, gradient(ys, y0, fb.params)) <= 1e-7
 
 
+@needs_torchdiffeq_callbacks
 def test_dirk_adaptive_reference_equals_autograd_dirk_on_its_steps():
     """The adaptive DIRK reference (torchdiffeq, kvaerno3) against backprop through converged Newton
     iterations on the steps it accepted (read with torchdiffeq's accept callback; its steps land on
