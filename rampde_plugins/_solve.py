@@ -38,6 +38,7 @@ from ._engine import (
     QuadratureOptions,
     QuadratureProblem,
     StageInterpolation,
+    StepData,
     RmsController,
     checkpoint_schedule,
     newton_options,
@@ -211,13 +212,7 @@ def _dense_output(tableau):
 
         return quartic
 
-    def hermite(sd, t):
-        s = ((t - sd.t0) / (sd.t1 - sd.t0)).to(sd.y0.dtype)
-        dt = sd.h.to(sd.y0.dtype)
-        return ((1 + 2 * s) * (1 - s) ** 2 * sd.y0 + s * (1 - s) ** 2 * dt * sd.f_start()
-                + s * s * (3 - 2 * s) * sd.y1 + s * s * (s - 1) * dt * sd.f_end())
-
-    return hermite
+    return StepData.hermite
 
 
 def _quartic(y0, y1, y_mid, f0, f1, dt, t0, t1, t):

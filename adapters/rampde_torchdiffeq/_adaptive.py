@@ -14,7 +14,7 @@ import importlib
 
 import torch
 
-from rampde_plugins import RmsController, StageInterpolation
+from rampde_plugins import RmsController, StageInterpolation, StepData
 from rampde_plugins import RampdeToleranceWarning, check_tolerance  # noqa: F401 (re-exported)
 
 ADAPTIVE_OPTIONS = {
@@ -99,13 +99,7 @@ def make_interp(tableau_name: str, tableau=None):
 
         return interp
 
-    def hermite(sd, t):
-        s = ((t - sd.t0) / (sd.t1 - sd.t0)).to(sd.y0.dtype)
-        dt = sd.h.to(sd.y0.dtype)
-        return ((1 + 2 * s) * (1 - s) ** 2 * sd.y0 + s * (1 - s) ** 2 * dt * sd.f_start()
-                + s * s * (3 - 2 * s) * sd.y1 + s * s * (s - 1) * dt * sd.f_end())
-
-    return hermite
+    return StepData.hermite
 
 
 __all__ = ["ADAPTIVE_OPTIONS", "RampdeToleranceWarning", "TorchdiffeqController", "check_tolerance", "make_interp"]

@@ -106,6 +106,14 @@ class StepData:
                 z = z + (h * a) * k
         return z
 
+    def hermite(self, t) -> torch.Tensor:
+        """The cubic Hermite interpolant through ``(y0, f_start)`` and ``(y1, f_end)`` at ``t`` (shared
+        time: the dense output of an adaptive step without a better one)."""
+        s = ((t - self.t0) / (self.t1 - self.t0)).to(self.y0.dtype)
+        dt = self.h.to(self.y0.dtype)
+        return ((1 + 2 * s) * (1 - s) ** 2 * self.y0 + s * (1 - s) ** 2 * dt * self.f_start()
+                + s * s * (3 - 2 * s) * self.y1 + s * s * (s - 1) * dt * self.f_end())
+
     def f_end(self) -> torch.Tensor:
         """f(t1, y1) in the state dtype, evaluated once (cubic Hermite output needs it)."""
         if self._f1 is None:
