@@ -63,7 +63,7 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
                 if not replaying:
                     replay.detect()
                 replay.put(0, replay.start_token())
-            if prob.tableau.diag and prob.tableau.diag[0] != 0.0:
+            if not prob.tableau.explicit_first_stage:
                 # an implicit first stage is no evaluation of f(t0, y0): the probe only checked the
                 # field, and is not handed to the step as a Newton guess the untaped forward (no
                 # backward to come) would not have -- the values must not depend on grad mode
