@@ -233,7 +233,9 @@ def _probe_first(prob: _Problem, t_first, y):
     mark = sequence_mark()
     replay = prob.replay
     watch = FieldWatch((y, t_first), replay.buffers if replay is not None else ())
-    with torch.enable_grad():
+    # graph_autocast: autocast's weight-cast cache would keep a leaf the field makes from its state
+    # (``y.detach().requires_grad_()``) alive past the probe, and so look like a hidden parameter.
+    with torch.enable_grad(), prob.graph_autocast():
         with watch:
             k0 = _check_velocity(prob.f(t_first, y), y, t_first)
         refs, outside = prob.check.scan([k0], (y, t_first), mark)
