@@ -41,7 +41,7 @@ __all__ = ["StepReplay"]
 class StepReplay:
     """Per-solve record of what each recomputed step must see again (see the module docstring)."""
 
-    __slots__ = ("buffers", "cuda_device", "rng", "mutates", "tokens", "_s0", "_v0", "_b0", "adopted", "last_outside")
+    __slots__ = ("buffers", "cuda_device", "rng", "mutates", "tokens", "_s0", "_v0", "_b0", "adopted", "last_outside", "_guard")
 
     def __init__(self, buffers: Sequence[torch.Tensor], device: torch.device):
         # The same tensor may be reachable twice (shared submodules); copy and restore it once.
@@ -60,6 +60,7 @@ class StepReplay:
         self._s0 = self._b0 = self._v0 = None
         #: (tensor, value before the first write) of every tensor adopted from a field watch
         self.adopted: list = []
+        self._guard = None  # what guarded() compares with, while its run runs
         #: what the last :meth:`isolated` run wrote outside the buffers: [(tensor, value before)]
         self.last_outside: list = []
 
@@ -157,20 +158,31 @@ class StepReplay:
         rng, values, versions = self._snapshot()
         n_buffers, n_adopted = len(self.buffers), len(self.adopted)
         out, exc = None, None
+        outer, self._guard = self._guard, (rng, values, versions, n_buffers, n_adopted)
         try:
             out = run()
         except Exception as e:  # noqa: BLE001 - handed back to the caller, who raises it
             exc = e
-        # (tensors adopted during the run -- a closure's writes seen by the probe -- were written)
+        finally:
+            self._guard = outer
+        changed = self._changed_since(rng, values, versions, n_buffers, n_adopted)
         adopted = self.adopted[n_adopted:]
-        changed = (not self._same_rng(self._rng_state(), rng) or bool(adopted)
-                   or self._written(versions[:n_buffers], values))
         if changed or exc is not None:
             self._apply((rng, values))
             with torch.no_grad():
                 for tensor, before in adopted:
                     tensor.copy_(before)
         return out, changed, exc
+
+    def _changed_since(self, rng, values, versions, n_buffers, n_adopted) -> bool:
+        # (tensors adopted since -- a closure's writes seen by the probe -- were written)
+        return (not self._same_rng(self._rng_state(), rng) or len(self.adopted) > n_adopted
+                or self._written(versions[:n_buffers], values))
+
+    def changed_in_guard(self) -> bool:
+        """Inside :meth:`guarded`'s run: has the field drawn random numbers or written buffers so far?"""
+        guard = self._guard
+        return guard is not None and self._changed_since(*guard)
 
     def _snapshot(self):
         """(generator states, buffer copies, buffer versions) now: what ``_apply`` and ``_written`` take."""

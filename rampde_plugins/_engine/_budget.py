@@ -495,7 +495,9 @@ def measure_step(prob, y0: torch.Tensor, grid2: torch.Tensor, n_steps: int | Non
 
     outputs.steps = {} if entry is None else {0: entry}
     try:
-        (graph, output, step_peak, vjp, kept), replay = prob.replay.isolated(step)
+        # (through the stepper: an implicit one refuses a field that draws or writes, as its forward does)
+        (graph, output, step_peak, vjp, kept), replay = prob.stepper.deterministic(
+            prob.replay, lambda: prob.replay.isolated(step))
     finally:
         outputs.steps = planned
     numel, device = y0.numel(), y0.device.type

@@ -137,6 +137,10 @@ class _TransposedStageSolve(torch.autograd.Function):
         return ctx.solver(g), None
 
 
+class _ImpureField(Exception):
+    """Raised inside a forward of an implicit method once the field has drawn or written."""
+
+
 class DirkStepper(Stepper):
     """The stepper of a diagonally implicit tableau: ``step(y, times, h, k0) -> (y_next, stages)``."""
 
@@ -162,8 +166,24 @@ class DirkStepper(Stepper):
         """Run a forward; raise (with the generators and buffers put back) if the field drew random
         numbers or wrote buffers.  Newton's method evaluates the field several times per stage: a
         field that changes between evaluations (dropout, BatchNorm in training mode) has no root."""
-        out, changed, exc = replay.guarded(run)
-        if changed:
+        prob = self.prob
+        f, calls = prob.f, [0]
+
+        def checked(t, y):
+            # From the second evaluation on (the first may be a probe whose closure writes are
+            # adopted only after it returns): refuse as soon as the field has drawn or written,
+            # not after Newton has failed at every step size down to the step cap.
+            calls[0] += 1
+            if calls[0] >= 2 and replay.changed_in_guard():
+                raise _ImpureField()
+            return f(t, y)
+
+        prob.f = checked
+        try:
+            out, changed, exc = replay.guarded(run)
+        finally:
+            prob.f = f
+        if changed or isinstance(exc, _ImpureField):
             raise ValueError(
                 f"method {self.prob.tableau.name!r} is implicit: Newton's method evaluates the vector field several "
                 "times per stage, so the field must be the same function at every evaluation -- this one draws "

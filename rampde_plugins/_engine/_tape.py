@@ -59,6 +59,8 @@ class FirstStage:
             self.k = k.to(state_dtype)
         if watch:
             prob.created_inside |= seen.created
+            if prob.replay is not None:  # a closure's writes are put back as module buffers are
+                prob.replay.adopt(seen.external_writes())
 
 
 class Tape:
