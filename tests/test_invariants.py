@@ -178,11 +178,7 @@ COVER = pairwise_cover()
 
 #: Cells that fail today, each an open defect of issue 27 (strict: a fix turns the mark into a failure,
 #: which is the prompt to remove it).  Not refusals: the engine should honour these combinations.
-KNOWN_OPEN = {
-    "torchdiffeq-dirk-adaptive-graphs-discrete-plain-fp64":
-        "'graphs' with an adaptive DIRK: the taped trials form the step in another operation order -- "
-        "outputs 6.7e-16 from the untaped forward, not bitwise",
-}
+KNOWN_OPEN: dict = {}
 
 
 def _cells(cells):

@@ -247,7 +247,7 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
                     if first_next:
                         prob.first_next_steps.add(n)
                     tape = build_tape(prob, needs, n, n + 1, y, k0 if carried else None, replay=False, points=(t, t1),
-                                      first=None if carried else first)
+                                      first=None if carried else first, step=h)
                     nfe += tape.nfe
                     y1, ks = tape.y_end.detach(), [k.detach() for k in tape.ks]
                 else:
@@ -483,7 +483,7 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                     # (an FSAL method's first iteration starts from f0, evaluated with a graph)
                     pre_n = pre[0] if n == 0 and fsal and pre[0] is not None and pre[0].y_leaf.shape == y.shape else None
                     tape = build_tape(prob, needs, n, n + 1, y, k0 if carried else None, replay=False,
-                                      points=(t, t + dt), first=pre_n)
+                                      points=(t, t + dt), first=pre_n, step=dt)
                     y1, ks = tape.y_end.detach(), [k.detach() for k in tape.ks]
                 else:
                     y1, ks = prob.step(y, prob.stage_times(t, t + dt, dt), h_state, k0)

@@ -69,15 +69,15 @@ class Tape:
     outputs evaluated inside (``outs``: (entry, values, time leaves) per step)."""
 
     __slots__ = ("n0", "n1", "y_leaf", "k0_leaf", "pts", "y_end", "k_last", "ks", "outs", "ys", "mark",
-                 "nfe", "checked", "nbytes")
+                 "nfe", "checked", "nbytes", "h")
 
     def clear(self) -> None:
         """Drop every reference into the graph (it is freed once the VJP has run)."""
-        self.y_leaf = self.k0_leaf = self.pts = self.y_end = self.k_last = self.ks = self.outs = self.ys = None
+        self.y_leaf = self.k0_leaf = self.pts = self.y_end = self.k_last = self.ks = self.outs = self.ys = self.h = None
 
 
 def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bool, points=None,
-               stored=None, first: FirstStage | None = None) -> Tape:
+               stored=None, first: FirstStage | None = None, step=None) -> Tape:
     """Steps ``n0 .. n1-1`` from state ``y`` (and carried first stage ``k0`` of step n0, or None).
 
     ``stored``: ``stored(n) -> (state, carried first stage or None)`` kept for each step: every step
@@ -91,7 +91,9 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
     :class:`TimeNeeds`); the trial's stage values stay in ``tape.ks`` for its error estimate and
     the outputs evaluated once it is accepted (:func:`add_tape_outputs`), until the driver drops them.
     ``first``: step n0's first stage, already evaluated with a graph (:class:`FirstStage`); the tape
-    starts from its leaves.
+    starts from its leaves.  ``step``: with ``points``, the step size the untaped forward takes
+    (the controller's ``h``, of which ``t1 - t0`` is a rounding): the taped step uses its value, so
+    that it forms exactly the untaped step, while a time gradient still flows through ``t1 - t0``.
     """
     state_dtype = prob.policy.state_dtype
     outputs, tab = prob.outputs, prob.tableau
@@ -120,11 +122,13 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
             if frame.need_time:
                 t0, t1 = pts[n - n0], pts[n - n0 + 1]
                 h = t1 - t0
+                if step is not None:  # exactly ``step`` (their difference is exact: Sterbenz)
+                    h = h + (torch.as_tensor(step, dtype=h.dtype, device=h.device) - h).detach()
                 stage_t = prob.stage_times(t0, t1, h, True if n in prob.first_next_steps else None)
                 hs = prob.h_for_state(h, cur)
             elif points is not None:
                 t0, t1 = points
-                h = t1 - t0
+                h = t1 - t0 if step is None else torch.as_tensor(step, dtype=t1.dtype, device=t1.device)
                 stage_t = prob.stage_times(t0, t1, h, True if n in prob.first_next_steps else None)
                 hs = float(h) if h.ndim == 0 else prob.h_for_state(h, cur)  # per sample: a (B, 1, ..) tensor
             else:
@@ -183,6 +187,7 @@ def build_tape(prob, frame, n0: int, n1: int, y: torch.Tensor, k0, *, replay: bo
     tape.outs = outs if outs or points is not None else ()
     tape.ys = ys if keep_ys else ()
     tape.ks = ks if points is not None else None
+    tape.h = h if points is not None else None  # an adaptive trial's step size, for its outputs
     return tape
 
 
@@ -263,7 +268,7 @@ def add_tape_outputs(prob, tape: Tape, entry, t_out, t0, t1, needs: TimeNeeds):
         t_leaves = outputs.times(entry, t_out, needs.need_tout)
         if tape.pts is not None:
             t0, t1 = tape.pts
-        sd = StepData(prob, t0, t1, t1 - t0, tape.y_leaf, tape.y_end, tape.ks)
+        sd = StepData(prob, t0, t1, t1 - t0 if tape.h is None else tape.h, tape.y_leaf, tape.y_end, tape.ks)
         with prob.full_precision():
             values = outputs.evaluate(entry, sd, t_leaves)
     tape.outs.append((entry, values, t_leaves))
