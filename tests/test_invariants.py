@@ -10,15 +10,17 @@ step cap -- or all of:
   bf16), and the reference's outputs (to the gradient's bound);
 * buffers and the RNG state after ``backward`` equal what the reference leaves -- for the explicit
   families the host's own method; integer buffers (``num_batches_tracked``, the call counter)
-  exactly, BatchNorm's running statistics to 1e-9 relative in fp64 (adaptive steps equal the host's
-  only to the rounding the step-size control amplifies: 1e-10 here, where the outputs agree to
-  1e-15) and to ``BF16_BUFFER_BOUND`` in bf16 (statistics of bf16 activations);
+  exactly, BatchNorm's running statistics to 1e-9 relative in fp64 and to ``BF16_BUFFER_BOUND`` in
+  bf16 (statistics of bf16 activations);
 * gradient (w.r.t. ``y0`` and every differentiated tensor): within ``FP64_BOUND`` (1e-10) of the fp64
-  reference through the same steps; bf16 within ``BF16_BOUND`` (the README's 5e-3), the dropout and
+  reference through the same steps.  In fp64 every bound against the reference is widened to four
+  times the reference's own movement under a one-ulp change of ``y0`` where that is larger
+  (``rounding_sensitivity``: adaptive steps on a field that couples the batch amplify rounding --
+  torchode's own Dopri5 moves by 6.5e-10 on the bn-closure field, by 1.5e-15 on the plain one); bf16 within ``BF16_BOUND`` (the README's 5e-3), the dropout and
   BatchNorm fields within ``BF16_NOISY_BOUND`` (2e-2: torchode's own method under bf16 autocast is
   1.1e-2 and 1.6e-2 off there), the inner-leaf field (a velocity that is itself a bf16 derivative)
-  within ``BF16_DERIVATIVE_BOUND`` (1e-2: torchdiffeq's own rk4 under bf16 autocast is 6.2e-3 off); the quadrature adjoint within ``QUADRATURE_BOUND`` of the ODE's own
-  gradient (plus ``BF16_QUADRATURE_BOUND`` in bf16);
+  within ``BF16_DERIVATIVE_BOUND`` (1e-2: torchdiffeq's own rk4 under bf16 autocast is 6.2e-3
+  off); the quadrature adjoint within ``QUADRATURE_BOUND`` of the ODE's own gradient (plus ``BF16_QUADRATURE_BOUND`` in bf16);
 * memory: with the ``budget`` schedule (a budget that binds, see ``budget_of``) the measured peak
   (``SolveStats.peak_bytes``) is within the budget.
 
@@ -40,7 +42,7 @@ import rampde_plugins
 from .host_helpers import needs_torchdiffeq_callbacks
 from .invariant_cells import (ALL_CELLS, BF16_BOUND, BF16_DERIVATIVE_BOUND, BF16_NOISY_BOUND, DERIVATIVE_FIELDS, BF16_QUADRATURE_BOUND, DIMENSIONS, F64,
                               FP64_BOUND, MAX_STEPS, NOISY_FIELDS, QUADRATURE_BOUND, REFUSED, SEED, STEP, T_OUT, Cell, _first_line, budget_of,
-                              cell_id, gradient, make_field, matches_refusal, ode_gradient, pairs_of, pairwise_cover,
+                              cell_id, gradient, make_field, matches_refusal, rounding_sensitivity, ode_gradient, pairs_of, pairwise_cover,
                               reference, refusals, solve, state_dtype, t_out, y0_value)
 
 #: bf16 forward against the same solve under no_grad / "steps": the same operations on the same
@@ -65,7 +67,7 @@ def _same_forward(a, b, policy):
     return err <= BF16_FORWARD, f"relative difference {err:.3g} > {BF16_FORWARD:g}"
 
 
-def _compare_buffers(got, want, policy, what):
+def _compare_buffers(got, want, policy, what, fp64_atol=1e-12):
     problems = []
     for name, ref in want.items():
         val = got.get(name)
@@ -75,7 +77,7 @@ def _compare_buffers(got, want, policy, what):
             if not torch.equal(val, ref):
                 problems.append(f"[buffer] {name} = {val.tolist()} after backward, {what} leaves {ref.tolist()}")
         elif policy == "fp64":
-            if not torch.allclose(val.double(), ref.double(), rtol=1e-9, atol=1e-12):
+            if not torch.allclose(val.double(), ref.double(), rtol=1e-9, atol=fp64_atol):
                 diff = float((val.double() - ref.double()).abs().max())
                 problems.append(f"[buffer] {name} differs from what {what} leaves (max |diff| {diff:.3g})")
         else:
@@ -133,12 +135,16 @@ def run_cell(cell):
     err = _rel(ys, ref.ys)
     bound = (FP64_BOUND if fp64 else BF16_NOISY_BOUND if cell.field in NOISY_FIELDS
              else BF16_DERIVATIVE_BOUND if cell.field in DERIVATIVE_FIELDS else BF16_BOUND)
+    grad_bound = bound
+    if fp64:  # (the reference's own one-ulp sensitivity, where it is larger: see rounding_sensitivity)
+        s_ys, s_grad, s_buf = rounding_sensitivity(cell.host, cell.family, cell.field, cell.policy)
+        bound, grad_bound = max(bound, 4 * s_ys), max(bound, 4 * s_grad)
     if not err <= bound:
         problems.append(f"[forward] outputs {err:.3g} (relative) from {what}'s, bound {bound:g}")
     if cell.adjoint == "discrete":
         err = _rel(grad, ref.grad)
-        if not err <= bound:
-            problems.append(f"[gradient] relative error {err:.3g} > {bound:g} against {what} (fp64)")
+        if not err <= grad_bound:
+            problems.append(f"[gradient] relative error {err:.3g} > {grad_bound:g} against {what} (fp64)")
     else:
         bound = QUADRATURE_BOUND[cell.host, cell.family] + (0.0 if fp64 else BF16_QUADRATURE_BOUND)
         err = _rel(grad, ode_gradient(cell.field))
@@ -146,7 +152,8 @@ def run_cell(cell):
             problems.append(f"[gradient] quadrature: relative error {err:.3g} > {bound:g} against the ODE's gradient")
     if not torch.equal(rng, ref.rng):
         problems.append(f"[rng] the RNG state after backward is not where {what} leaves it")
-    problems += _compare_buffers(buffers, ref.buffers, cell.policy, what)
+    problems += _compare_buffers(buffers, ref.buffers, cell.policy, what,
+                                 fp64_atol=max(1e-12, 4 * s_buf) if fp64 else 1e-12)
     if cell.schedule == "budget":
         budget = budget_of(cell.host, cell.family, cell.field, cell.policy)
         if rec is None or rec.memory_budget != budget or not rec.peak_bytes <= budget:
