@@ -65,6 +65,7 @@ from ._engine import (
 )
 from ._policy import SCALING_MODES, PrecisionPolicy, RampdeToleranceWarning, ScalerConfig, check_tolerance
 from ._scaler import AdjointScaler
+from ._config import ADJOINTS, OptionSyntax, SolveConfig, configure
 from ._solve import solve
 from ._stats import SolveStats, StatsCollector, collect_stats
 from ._tableau import BUILTIN_TABLEAUS, ButcherTableau
@@ -73,6 +74,10 @@ from ._wong_zakai import KarhunenLoeveNoise, WongZakaiField, noise_channels, won
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADJOINTS",
+    "OptionSyntax",
+    "SolveConfig",
+    "configure",
     "AdjointScaler",
     "BUILTIN_TABLEAUS",
     "BatchedOutputs",

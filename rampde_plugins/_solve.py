@@ -40,7 +40,6 @@ from ._engine import (
     StageInterpolation,
     StepData,
     RmsController,
-    checkpoint_schedule,
     newton_options,
     quadrature_options,
     solve_adaptive,
@@ -48,14 +47,15 @@ from ._engine import (
     solve_quadrature,
 )
 from ._engine._controller import rms_norm
-from ._manager import get_registry, resolve_policy
+from ._config import ADJOINTS, OptionSyntax, configure
+from ._manager import get_registry
 from ._policy import PrecisionPolicy, check_tolerance
 from ._scaler import AdjointScaler
 
 __all__ = ["solve", "SOLVE_ADJOINTS"]
 
 #: ``adjoint=``: rampde's exact discrete adjoint of the steps, or the Gauss--Legendre quadrature adjoint.
-SOLVE_ADJOINTS = ("discrete", "quadrature")
+SOLVE_ADJOINTS = ADJOINTS
 
 _PARAM_HINT = "pass them explicitly: rampde_plugins.solve(..., params=(A, b))"
 
@@ -365,13 +365,12 @@ def solve(
     t = _check_times(t, y0, owner)
     if not callable(f):
         raise TypeError(f"{owner}: f must be callable f(t, y), got {type(f).__name__}")
-    if adjoint not in SOLVE_ADJOINTS:
-        raise ValueError(f"{owner}: adjoint={adjoint!r}; choose one of {', '.join(SOLVE_ADJOINTS)}")
-    quadrature_adjoint = adjoint == "quadrature"
-    if precision is not None and not isinstance(precision, (str, PrecisionPolicy)):
-        raise TypeError(f"{owner}: precision must be a policy name or a PrecisionPolicy, got "
-                        f"{type(precision).__name__}; registered policies: {', '.join(sorted(get_registry().policies))}")
-    policy = resolve_policy(precision, device_type=y0.device.type, state_dtype=y0.dtype)
+    # the options every host shares (precision, adjoint, checkpoint, Newton, scaler, params)
+    config = configure(tableau, OptionSyntax(owner), precision=precision, adjoint=adjoint, checkpoint=checkpoint,
+                       memory_budget=memory_budget, newton=newton, linear_solver=linear_solver, scaler=scaler,
+                       params=params, rtol=rtol, atol=atol)
+    quadrature_adjoint = config.adjoint == "quadrature"
+    policy = config.policy(y0)
 
     # the steps
     if step_size is not None and grid is not None:
@@ -416,30 +415,9 @@ def solve(
             for name in ("rtol", "atol"):
                 _tolerance(locals()[name], name, owner)
 
-    # implicit methods
-    given = [n for n, v in (("newton", newton), ("linear_solver", linear_solver)) if v is not None]
-    if given and not tableau.implicit:
-        raise ValueError(f"{owner}: {', '.join(given)} apply to implicit methods; {method!r} is explicit")
-    newton_spec = newton
-    if tableau.implicit:
-        newton = newton_options(newton, owner=f"{owner}: newton", linear_solver=linear_solver, rtol=rtol, atol=atol)
-
     # the adjoint
-    if scaler is not None and not isinstance(scaler, AdjointScaler):
-        raise TypeError(f"{owner}: scaler must be a rampde_plugins.AdjointScaler, got {type(scaler).__name__}")
-    if params is not None:
-        try:
-            params = tuple(params)
-        except TypeError:
-            raise TypeError(f"{owner}: params must be an iterable of tensors, got {type(params).__name__}") from None
-        if not all(isinstance(p, torch.Tensor) for p in params):
-            bad = next(type(p).__name__ for p in params if not isinstance(p, torch.Tensor))
-            raise TypeError(f"{owner}: params must contain only tensors, got a {bad}")
+    newton_spec, newton, params = newton, config.newton, config.params
     if quadrature_adjoint:
-        given = [n for n, v in (("checkpoint", checkpoint), ("memory_budget", memory_budget)) if v is not None]
-        if given:
-            raise ValueError(f"{owner}: {', '.join(given)} apply to adjoint='discrete' (the quadrature adjoint keeps "
-                             "only the outputs)")
         if quadrature is not None and not isinstance(quadrature, (Mapping, QuadratureOptions)):
             raise TypeError(f"{owner}: quadrature must be a mapping with keys {', '.join(QUADRATURE_OPTIONS)} or a "
                             f"QuadratureOptions, got {type(quadrature).__name__}")
@@ -468,8 +446,7 @@ def solve(
         if given:
             raise ValueError(f"{owner}: {', '.join(given)} apply to adjoint='quadrature' (the discrete adjoint "
                              "replays the forward's own steps)")
-        schedule = checkpoint_schedule(checkpoint, memory_budget=memory_budget, owner=f"{owner}: checkpoint",
-                                       budget_owner=f"{owner}: memory_budget")
+        schedule = config.schedule
         if adaptive and not schedule.adaptive_ok:
             raise ValueError(f"{owner}: checkpoint={checkpoint!r} is not available with adaptive steps; use "
                              "'steps', an integer (binomial) or a SegmentsSchedule, or fixed steps (step_size or grid)")

@@ -292,7 +292,7 @@ def test_bad_budgets_name_the_option(bad, err, match):
     with pytest.raises(err, match=r"options\['memory_budget'\].*" + match):
         odeint(field, _y0(), torch.tensor([0.0, 1.0], dtype=torch.float64), method="rampde_rk4",
                options={"step_size": 0.1, "memory_budget": bad})
-    with pytest.raises(err, match=r"RampdeAdjoint\(memory_budget=...\)"):
+    with pytest.raises(err, match=r"RampdeAdjoint: memory_budget.*" + match):
         RampdeAdjoint(to.Euler(to.ODETerm(field)), to.FixedStepController(), memory_budget=bad)
 
 

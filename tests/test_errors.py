@@ -52,7 +52,7 @@ def test_unknown_precision_lists_registered():
 
 
 def test_precision_of_wrong_type():
-    with pytest.raises(TypeError, match=r"options\['precision'\] must be a policy name or PrecisionPolicy, got float"):
+    with pytest.raises(TypeError, match=r"options\['precision'\] must be a policy name or a PrecisionPolicy, got float"):
         _call(options={"precision": 16.0})
 
 

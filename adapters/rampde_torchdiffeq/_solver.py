@@ -9,12 +9,10 @@ import torch
 
 from rampde_plugins import (
     INTERPOLATIONS,
-    AdjointScaler,
+    OptionSyntax,
     PrecisionPolicy,
-    checkpoint_schedule,
+    configure,
     get_registry,
-    newton_options,
-    resolve_policy,
     solve_adaptive,
     solve_grid,
 )
@@ -42,13 +40,14 @@ OPTIONS = {
     "newton": "implicit methods: dict of rampde_plugins.NewtonOptions fields (rtol, atol, max_iter, linear_rtol, "
               "dense_max); default tolerances 1e-2 x the solver's rtol/atol",
 }
-IMPLICIT_ONLY = ("linear_solver", "newton")
 # torchdiffeq hands these to every solver; a fixed grid has no use for them.
 _HOST_ARGS = ("rtol", "atol", "norm")
 
 
-def parse_options(method: str, options) -> dict:
-    """Validate ``options`` of ``method``; returns a clean dict.  Raises ValueError/TypeError."""
+def parse_options(method: str, options, *, rtol=None, atol=None) -> dict:
+    """Validate ``options`` of ``method``; returns a clean dict, with the shared options as a
+    ``rampde_plugins`` solve configuration under ``"config"`` (``rtol``/``atol``: the solve's, for
+    Newton's defaults).  Raises ValueError/TypeError."""
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTIONS) - set(ADAPTIVE_OPTIONS) - set(_HOST_ARGS))
     if unknown:
@@ -72,29 +71,16 @@ def parse_options(method: str, options) -> dict:
         raise ValueError(f"odeint(method={method!r}): options['interp']={interp!r}; choose one of {', '.join(INTERPOLATIONS)}")
     out["interp"] = interp
     out["perturb"] = bool(out["perturb"])
-    if out["scaler"] is not None and not isinstance(out["scaler"], AdjointScaler):
-        raise TypeError(
-            f"odeint(method={method!r}): options['scaler'] must be a rampde_plugins.AdjointScaler, got {type(out['scaler']).__name__}"
-        )
-    out["checkpoint"] = checkpoint_schedule(
-        out["checkpoint"], memory_budget=out.pop("memory_budget"),
-        owner=f"odeint(method={method!r}): options['checkpoint']",
-        budget_owner=f"odeint(method={method!r}): options['memory_budget']")
-    prec = out["precision"]
-    if prec is not None and not isinstance(prec, (str, PrecisionPolicy)):
-        raise TypeError(
-            f"odeint(method={method!r}): options['precision'] must be a policy name or PrecisionPolicy, got {type(prec).__name__}; "
-            f"registered policies: {', '.join(sorted(get_registry().policies))}"
-        )
-    ap = out["adjoint_params"]
-    if ap is not None:
-        try:
-            ap = tuple(ap)
-        except TypeError:
-            raise TypeError(f"odeint(method={method!r}): options['adjoint_params'] must be an iterable of tensors") from None
-        if not all(isinstance(p, torch.Tensor) for p in ap):
-            raise TypeError(f"odeint(method={method!r}): options['adjoint_params'] must contain only tensors")
-        out["adjoint_params"] = ap
+    # the options every host shares: validated once, by the core, in this host's spelling
+    tableau = get_registry().tableau(method[len("rampde_"):] if method.startswith("rampde_") else method)
+    config = configure(
+        tableau, OptionSyntax(f"odeint(method={method!r})", "options['{name}']"),
+        precision=out["precision"], checkpoint=out["checkpoint"], memory_budget=out.pop("memory_budget"),
+        newton=out["newton"], linear_solver=out["linear_solver"], scaler=out["scaler"], params=out["adjoint_params"],
+        rtol=rtol, atol=atol, params_option="adjoint_params",
+    )
+    out["config"] = config
+    out["checkpoint"], out["newton"], out["adjoint_params"] = config.schedule, config.newton, config.params
     return out
 
 
@@ -116,8 +102,8 @@ class RampdeFixedGridSolver:
 
     def __init__(self, func, y0, rtol=None, atol=None, norm=None, **options):
         self.method = f"rampde_{self.tableau_name}"
-        self.options = opts = parse_options(self.method, options)
-        self.tableau = get_registry().tableau(self.tableau_name)
+        self.options = opts = parse_options(self.method, options, rtol=rtol, atol=atol)
+        self.tableau = opts["config"].tableau
         self.adaptive = self.tableau.b_err is not None and opts["step_size"] is None and opts["grid_constructor"] is None
         if self.adaptive:
             grid_opts = [k for k in FIXED_GRID_ONLY if options.get(k) not in (None, False, "linear")]
@@ -131,12 +117,6 @@ class RampdeFixedGridSolver:
                 f"odeint(method={self.method!r}): option(s) {sorted(opts['adaptive'])} apply to adaptive steps; "
                 + ("this method has no error estimate" if self.tableau.b_err is None else "a fixed grid was requested")
             )
-        given = [k for k in IMPLICIT_ONLY if options.get(k) is not None]
-        if given and not self.tableau.implicit:
-            raise ValueError(f"odeint(method={self.method!r}): option(s) {given} apply to implicit methods; this method is explicit")
-        if self.tableau.implicit:  # Newton to 1e-2 of the solver's tolerances (torchdiffeq's default 1e-7, 1e-9)
-            opts["newton"] = newton_options(opts["newton"], owner=f"odeint(method={self.method!r}): options['newton']",
-                                            linear_solver=opts["linear_solver"], rtol=rtol, atol=atol)
         self.rtol, self.atol, self.norm = rtol, atol, norm
         self.func = func
         self.y0 = y0
@@ -193,14 +173,12 @@ class RampdeFixedGridSolver:
         return inner if field_time == time_dtype else _TimeCast(inner, field_time)
 
     def _policy(self) -> PrecisionPolicy:
-        return resolve_policy(self.options["precision"], device_type=self.y0.device.type, state_dtype=self.y0.dtype)
+        return self.options["config"].policy(self.y0)
 
     def _params_buffers(self):
         """The differentiated tensors and the buffers the field may write (BatchNorm's statistics:
         replayed and left as the forward wrote them)."""
-        params = self.options["adjoint_params"]
-        if params is None:
-            params = tuple(p for p in self.func.parameters()) if isinstance(self.func, torch.nn.Module) else ()
+        params = self.options["config"].params_of(self.func)
         buffers = tuple(self.func.buffers()) if isinstance(self.func, torch.nn.Module) else ()
         return params, buffers
 

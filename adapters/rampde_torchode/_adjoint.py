@@ -10,6 +10,8 @@ output; ``Solution(ts, ys, stats, status)``.  The time grid is built with torcho
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from typing import Callable
 
@@ -27,16 +29,14 @@ from torchode.terms import ODETerm
 
 from rampde_plugins import (
     BUILTIN_TABLEAUS,
-    AdjointScaler,
     BatchedOutputs,
     BatchedStepController,
     ButcherTableau,
     StageInterpolation,
+    OptionSyntax,
     check_tolerance,
-    checkpoint_schedule,
+    configure,
     get_registry,
-    newton_options,
-    resolve_policy,
     solve_batched,
     solve_batched_adaptive,
 )
@@ -256,27 +256,31 @@ class RampdeAdjoint(torch.nn.Module):
                  backprop_through_step_size_control=True):
         super().__init__()
         tableau = tableau_of(step_method)  # fail early on an unsupported method
-        given = [n for n, v in (("linear_solver", linear_solver), ("newton", newton)) if v is not None]
-        if given and not tableau.implicit:
-            raise ValueError(f"RampdeAdjoint: {', '.join(given)} apply to implicit methods; {tableau.name!r} is explicit")
-        # Newton to 1e-2 of the controller's tolerances (1e-9 / 1e-11 with fixed steps: see NewtonOptions)
-        self.newton = newton_options(newton, owner="RampdeAdjoint(newton=...)", linear_solver=linear_solver,
-                                     rtol=getattr(step_size_controller, "rtol", None),
-                                     atol=getattr(step_size_controller, "atol", None)) if tableau.implicit else None
-        self.checkpoint = checkpoint_schedule(checkpoint, memory_budget=memory_budget,
-                                              owner="RampdeAdjoint(checkpoint=...)",
-                                              budget_owner="RampdeAdjoint(memory_budget=...)")
-        if scaler is not None and not isinstance(scaler, AdjointScaler):
-            raise TypeError(f"scaler must be a rampde_plugins.AdjointScaler, got {type(scaler).__name__}")
+        # The options every host shares, validated once by the core.  Newton to 1e-2 of the
+        # controller's tolerances (1e-9 / 1e-11 with fixed steps: see NewtonOptions).
+        self.config = configure(
+            tableau, OptionSyntax("RampdeAdjoint"), precision=precision, checkpoint=checkpoint,
+            memory_budget=memory_budget, newton=newton, linear_solver=linear_solver, scaler=scaler, params=params,
+            rtol=getattr(step_size_controller, "rtol", None), atol=getattr(step_size_controller, "atol", None),
+        )
+        self.newton, self.checkpoint = self.config.newton, self.config.schedule
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
             raise ValueError(f"max_steps={max_steps!r} must be a positive int or None")
         self.step_method = step_method
         self.step_size_controller = step_size_controller
         self.max_steps = max_steps
-        self.precision = precision
-        self.params = None if params is None else tuple(params)
+        self.params = self.config.params
         self.scaler = scaler
         self._output_steps = None  # the last adaptive solve's step at each output (QuadratureAdjoint reads it)
+
+    @property
+    def precision(self):
+        """The precision policy (a name, a ``PrecisionPolicy``, or None: from autocast and ``y0``)."""
+        return self.config.precision
+
+    @precision.setter
+    def precision(self, value) -> None:
+        self.config = dataclasses.replace(self.config, precision=value)
 
     def solve(self, problem, term=None, dt0=None, args=None) -> Solution:
         method = self.step_method
@@ -332,7 +336,7 @@ class RampdeAdjoint(torch.nn.Module):
                 "method without error estimate): pass dt0=h, a number or a (batch,) tensor"
             )
         t_eval = self._check_t_eval(problem)
-        policy = resolve_policy(self.precision, device_type=y0.device.type, state_dtype=y0.dtype)
+        policy = self.config.policy(y0)
         if batch == 0:  # torchode answers an empty batch with an empty solution
             ys = y0.to(policy.output)[:, None].expand(0, t_eval.shape[1], *y0.shape[1:])
             empty = torch.zeros(0, dtype=torch.long, device=y0.device)
