@@ -9,7 +9,8 @@ import torch
 from .._storage import ChunkedStore
 from ._problem import _check_storage, _Problem, _probe_first, _with_replay
 from ._implicit import NewtonFailure
-from ._steppers import StepData, _check_velocity, _lincomb
+from ._attempt import attempt_step
+from ._steppers import StepData, _check_velocity
 from ._tape import FirstStage, Frame, TimeNeeds, add_tape_outputs, build_tape, check_tape
 from ._budget import MemoryBudget, resolve_budget, tape_nbytes
 
@@ -241,33 +242,14 @@ def _adaptive_forward_once(prob: _Problem, y0, t_out, controller: StepController
             t1, h = controller.propose(t, y)
             h_float = float(h)
             stage_token = replay.snapshot() if active else None
-            failure = None
-            try:
-                if taping:
-                    if first_next:
-                        prob.first_next_steps.add(n)
-                    tape = build_tape(prob, needs, n, n + 1, y, k0 if carried else None, replay=False, points=(t, t1),
-                                      first=None if carried else first, step=h)
-                    nfe += tape.nfe
-                    y1, ks = tape.y_end.detach(), [k.detach() for k in tape.ks]
-                else:
-                    ks_times = prob.stage_times(t, t1, h, True if first_next else None)
-                    y1, ks = prob.step(y, ks_times, h_float, k0)
-                    nfe += tab.stages - 1
-            except NewtonFailure as exc:  # an implicit stage did not converge: the trial is rejected
-                failure, tape = exc, None
-                prob.record.newton_failures += 1
-                y1, ks = y, None
-            if watch and y1.requires_grad:
-                refs, outside = prob.check.scan([y1], (y,))
-                y1, ks = y1.detach(), [k.detach() for k in ks]
-                prob.check.raise_if_hidden(refs, outside, f" (at t = {float(t):.6g})")
-            if failure is not None:
-                err = torch.full_like(y, math.inf)  # every controller shrinks the step on it
-            else:
-                err = _lincomb(ks, tab.b_err)
-                err = torch.zeros_like(y) if err is None else err * h_float
-                err = prob.stepper.filter_error(err)
+            if taping and first_next:
+                prob.first_next_steps.add(n)
+            trial = attempt_step(prob, needs, n, y, t, t1, h, h_state=h_float, k0=k0, carried=carried,
+                                 first=None if carried else first, taping=taping,
+                                 jump=True if first_next else None, watch=watch,
+                                 where=lambda: f" (at t = {float(t):.6g})")
+            y1, ks, err, tape, failure = trial.y1, trial.ks, trial.err, trial.tape, trial.failure
+            nfe += trial.nfe
             accepted = controller.judge(t, t1, h, y, y1, err)
             if failure is not None and accepted:  # (at min_step the controller accepts anything)
                 raise failure
@@ -474,41 +456,18 @@ def _batched_adaptive_once(prob, y0, t_start, t_end, outputs, controller, dt0, m
                 active = replay is not None and replay.active
             if active:
                 replay.capture(n)
-            h_state = prob.h_for_state(dt, y)
-            failure = failed = tape = None
-            try:
-                if taping:
-                    # the step's end times as the adjoint's grid will hold them (t + dt), so the
-                    # taped step is the one the backward's grid describes
-                    # (an FSAL method's first iteration starts from f0, evaluated with a graph)
-                    pre_n = pre[0] if n == 0 and fsal and pre[0] is not None and pre[0].y_leaf.shape == y.shape else None
-                    tape = build_tape(prob, needs, n, n + 1, y, k0 if carried else None, replay=False,
-                                      points=(t, t + dt), first=pre_n, step=dt)
-                    y1, ks = tape.y_end.detach(), [k.detach() for k in tape.ks]
-                else:
-                    y1, ks = prob.step(y, prob.stage_times(t, t + dt, dt), h_state, k0)
-            except NewtonFailure as exc:  # an implicit stage did not converge: every sample rejects
-                failure, tape = exc, None
-                record.newton_failures += 1
-                y1, ks = y, [k0] * tableau.stages
-            if failure is None and prob.stepper.failed is not None:
-                failed = prob.stepper.failed & running
-                record.newton_failures += int(failed.sum())
-            nfe += tape.nfe if tape is not None else tableau.stages - 1
-            if prob.watch and y1.requires_grad:
-                refs, outside = prob.check.scan([y1], (y,))
-                y1, ks = y1.detach(), [k.detach() for k in ks]
-                prob.check.raise_if_hidden(refs, outside, f" (at iteration {n})")
-            if failure is not None:
-                err = torch.full_like(y, math.inf)
-            else:
-                err = _lincomb(ks, tableau.b_err)
-                err = torch.zeros_like(y) if err is None else err * h_state
-                err = prob.stepper.filter_error(err)
-            if failed is not None:
-                rows = failed.reshape(-1, *([1] * (y.ndim - 1)))
-                y1 = torch.where(rows, y, y1)
-                err = torch.where(rows, controller.rejecting_error(y), err)
+            # the step's end times as the adjoint's grid will hold them (t + dt), so that a taped
+            # step is the one the backward's grid describes (an FSAL method's first iteration
+            # starts from f0, evaluated with a graph)
+            pre_n = pre[0] if taping and n == 0 and fsal and pre[0] is not None and pre[0].y_leaf.shape == y.shape \
+                else None
+            trial = attempt_step(prob, needs, n, y, t, t + dt, dt, h_state=prob.h_for_state(dt, y), k0=k0,
+                                 carried=carried, first=pre_n, taping=taping, watch=prob.watch,
+                                 where=lambda: f" (at iteration {n})", running=running,
+                                 rejecting_error=controller.rejecting_error)
+            y1, ks, err, tape, failure, failed = trial.y1, trial.ks, trial.err, trial.tape, trial.failure, trial.failed
+            # (a whole-batch Newton failure counts the stages it tried, as the untaped step would)
+            nfe += trial.nfe if failure is None else tableau.stages - 1
             accept, dt_next, st = controller.judge(t, dt, y, y1, err)
             if failure is not None and bool((accept & running).any()):
                 raise failure
