@@ -61,7 +61,8 @@ def main(argv=None):
         return time.perf_counter() - start
 
     print(f"problem ({args.problem}), {case.n_steps} steps; torch {torch.__version__}, {args.threads} threads, "
-          f"load average {os.getloadavg()[0]:.2f}; rampde-plugins {rampde_plugins.__version__}")
+          f"load average {os.getloadavg()[0]:.2f}; rampde-plugins {rampde_plugins.__version__} from "
+          f"{Path(rampde_plugins.__file__).resolve().parent.parent}")
     times = {name: [] for name in CONFIGS}
     for method, options in CONFIGS.values():
         iteration(method, options)  # warm-up
@@ -69,9 +70,12 @@ def main(argv=None):
         for name, (method, options) in CONFIGS.items():
             times[name].append(iteration(method, options))
     base = statistics.median(times["torchdiffeq rk4 fp32"])
+    floor = min(times["torchdiffeq rk4 fp32"])
+    # the minimum beside the median: on a shared machine co-tenants slow some rounds by tens of per
+    # cent, and the fastest round of each configuration is the least disturbed measure of its cost
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:24s} {1e3 * med:8.0f} ms  {med / base:5.2f}x")
+        print(f"{name:24s} {1e3 * med:8.0f} ms  {med / base:5.2f}x  min {1e3 * min(ts):6.0f} ms {min(ts) / floor:5.2f}x")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -20,6 +20,10 @@ from ._engine import (
     StepController,
     RmsController,
     StepData,
+    ExplicitStepper,
+    Stepper,
+    register_stepper,
+    unregister_stepper,
     solve_adaptive,
     solve_batched,
     solve_batched_adaptive,
@@ -75,6 +79,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADJOINTS",
+    "ExplicitStepper",
+    "Stepper",
+    "register_stepper",
+    "unregister_stepper",
     "OptionSyntax",
     "SolveConfig",
     "configure",

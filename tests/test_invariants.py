@@ -323,3 +323,12 @@ def test_inner_leaf_bf16_bound_is_the_hosts():
 
     err = _rel(grad(torch.float32, True), grad(F64, False))
     assert BF16_BOUND < err <= BF16_DERIVATIVE_BOUND, err
+
+
+def test_fp64_bounds_widen_only_where_the_reference_itself_moves():
+    """``rounding_sensitivity`` widens fp64 bounds only where the host's own method is that sensitive:
+    on the adaptive bn-closure field a one-ulp change of ``y0`` moves torchode's own Dopri5 by more
+    than ``FP64_BOUND``; on the plain field by rounding only."""
+    assert rounding_sensitivity("torchode", "explicit-adaptive", "bn-closure", "fp64")[0] > FP64_BOUND
+    plain = rounding_sensitivity("torchode", "explicit-adaptive", "plain", "fp64")
+    assert plain[0] < 1e-13 and plain[1] < 1e-13

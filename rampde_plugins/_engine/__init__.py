@@ -38,13 +38,13 @@ from ._outputs import INTERPOLATIONS, BatchedOutputs, StageInterpolation
 from ._budget import MemoryBudget, checkpoint_schedule, parse_memory_budget
 from ._candidates import StepMeasure, budget_candidates, register_budget_candidate, unregister_budget_candidate
 from ._schedules import BinomialSchedule, CheckpointSchedule, GraphsSchedule, SegmentsSchedule, StepsSchedule
-from ._steppers import ExplicitStepper, StepData, Stepper, register_stepper
+from ._steppers import ExplicitStepper, StepData, Stepper, register_stepper, unregister_stepper
 from ._implicit import LINEAR_SOLVERS, NewtonFailure, NewtonOptions, newton_options
 from ._quadrature import QUADRATURE_OPTIONS, QuadratureOptions, QuadratureProblem, quadrature_options, solve_quadrature
 
 __all__ = [
     "solve_grid", "solve_batched", "solve_adaptive", "solve_batched_adaptive", "StepController", "RmsController", "rms_norm",
-    "BatchedStepController", "BatchedOutputs", "StepData", "Stepper", "ExplicitStepper", "register_stepper", "INTERPOLATIONS", "CheckpointSchedule",
+    "BatchedStepController", "BatchedOutputs", "StepData", "Stepper", "ExplicitStepper", "register_stepper", "unregister_stepper", "INTERPOLATIONS", "CheckpointSchedule",
     "StepsSchedule", "GraphsSchedule", "SegmentsSchedule", "BinomialSchedule", "checkpoint_schedule",
     "MemoryBudget", "parse_memory_budget", "StepMeasure", "budget_candidates", "register_budget_candidate",
     "unregister_budget_candidate", "NewtonOptions", "NewtonFailure", "StageInterpolation", "newton_options", "LINEAR_SOLVERS",

@@ -396,4 +396,4 @@ class DirkStepper(Stepper):
         return solve
 
 
-register_stepper("dirk", DirkStepper)
+register_stepper("dirk", DirkStepper, lambda tableau: tableau.implicit)  # (diagonally implicit: lower-triangular a)

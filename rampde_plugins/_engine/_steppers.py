@@ -6,7 +6,8 @@ drivers (fixed grid, shared-time adaptive, per-sample adaptive) and every schedu
 and nothing else; its VJP is autograd's over the rebuilt step (the adjoint sweep takes one
 ``autograd.grad`` per tape), so an explicit stepper needs nothing more, and an implicit one brings
 its own transposed solves inside its graph (``_implicit``).  A stepper kind is one class plus one
-:func:`register_stepper` call in its own module; :func:`make_stepper` picks it by the tableau's kind.
+:func:`register_stepper` call in its own module, which says which tableaus it steps;
+:func:`make_stepper` picks the latest registered stepper that applies.
 """
 
 from __future__ import annotations
@@ -212,26 +213,40 @@ class ExplicitStepper(Stepper):
         return _axpy(y, h, ks, tab.b), ks
 
 
-_STEPPERS: dict[str, Callable] = {}
+#: kind -> (factory, which tableaus it steps); the latest registration that applies wins
+_STEPPERS: dict[str, tuple[Callable, Callable]] = {}
 
 
-def register_stepper(kind: str, factory: Callable) -> None:
-    """Make ``factory(prob, options) -> Stepper`` the stepper of tableaus of ``kind``
-    (:func:`stepper_kind`)."""
-    _STEPPERS[kind] = factory
+def register_stepper(kind: str, factory: Callable, applies: Callable[[object], bool]) -> None:
+    """Make ``factory(prob, options) -> Stepper`` the stepper of kind ``kind`` for the tableaus
+    ``applies(tableau)`` accepts.  A new stepper is its module plus this call: :func:`make_stepper`
+    asks the registered steppers, latest first, which one steps a tableau (re-registering a kind
+    replaces it)."""
+    if not callable(factory) or not callable(applies):
+        raise TypeError(f"register_stepper({kind!r}, ...): the factory and applies must be callable")
+    _STEPPERS.pop(kind, None)
+    _STEPPERS[kind] = (factory, applies)
+
+
+def unregister_stepper(kind: str) -> None:
+    """Remove the stepper of kind ``kind`` (a later registration of the tableaus it stepped wins again)."""
+    if kind not in _STEPPERS:
+        raise ValueError(f"unregister_stepper({kind!r}): no such stepper; registered: {', '.join(_STEPPERS)}")
+    del _STEPPERS[kind]
 
 
 def stepper_kind(tableau) -> str:
-    """``"explicit"`` or ``"dirk"`` (diagonally implicit: ``tableau.implicit``)."""
-    return "dirk" if tableau.implicit else "explicit"
+    """The kind of the stepper that steps ``tableau`` (the latest registered one that applies)."""
+    for kind, (_, applies) in reversed(_STEPPERS.items()):
+        if applies(tableau):
+            return kind
+    raise ValueError(f"no registered stepper steps tableau {tableau.name!r} "
+                     f"(registered: {', '.join(_STEPPERS) or 'none'})")
 
 
 def make_stepper(prob, options=None) -> Stepper:
-    """The registered stepper for ``prob.tableau``'s kind."""
-    kind = stepper_kind(prob.tableau)
-    if kind not in _STEPPERS:  # pragma: no cover - every built-in kind registers on import
-        raise ValueError(f"no stepper is registered for {kind!r} tableaus ({prob.tableau.name!r})")
-    return _STEPPERS[kind](prob, options)
+    """The registered stepper for ``prob.tableau``."""
+    return _STEPPERS[stepper_kind(prob.tableau)][0](prob, options)
 
 
-register_stepper("explicit", ExplicitStepper)
+register_stepper("explicit", ExplicitStepper, lambda tableau: not tableau.implicit)
