@@ -179,6 +179,26 @@ class StepReplay:
         return (not self._same_rng(self._rng_state(), rng) or len(self.adopted) > n_adopted
                 or self._written(versions[:n_buffers], values))
 
+    def save_state(self):
+        """What the field can change, now: the generator states, the buffers' values, and how many
+        written tensors have been adopted (:meth:`restore_state` undoes everything since)."""
+        rng, values, _ = self._snapshot()
+        return rng, values, len(self.adopted)
+
+    def changed_since(self, saved) -> bool:
+        """Has the field drawn random numbers or written since :meth:`save_state`?"""
+        rng, values, n_adopted = saved
+        return (not self._same_rng(self._rng_state(), rng) or len(self.adopted) > n_adopted
+                or any(not torch.equal(b, v) for b, v in zip(self.buffers, values)))
+
+    def restore_state(self, saved) -> None:
+        """Undo what the field changed since :meth:`save_state` (tensors adopted since included)."""
+        rng, values, n_adopted = saved
+        self._apply((rng, values))
+        with torch.no_grad():
+            for tensor, before in self.adopted[n_adopted:]:
+                tensor.copy_(before)
+
     def changed_in_guard(self) -> bool:
         """Inside :meth:`guarded`'s run: has the field drawn random numbers or written buffers so far?"""
         guard = self._guard

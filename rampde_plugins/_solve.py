@@ -514,6 +514,7 @@ def _quadrature(plan: _Plan, back: _Plan, f, y0, t, params, buffers, options) ->
     qp = QuadratureProblem(
         f=_TimeCast(f, field_time), policy=plan.policy, forward=forward, backsolve=backsolve, options=options,
         params=params, buffers=buffers, hint=_PARAM_HINT, scaler=plan.scaler, unused_zero=True, method=plan.name,
+        implicit=plan.tableau.implicit,
     )
     out = solve_quadrature(qp, y0, t, owner=f"rampde_plugins.solve(method={plan.tableau.name!r}, adjoint='quadrature')",
                            instead="adjoint='discrete'", autograd=_AUTOGRAD)

@@ -76,6 +76,9 @@ class SolveStats:
     #: quadrature adjoint: the VJP calls that evaluated those nodes (fewer than the nodes when they are
     #: batched through torch.func.vmap; equal for ``node_batch=1`` or a field vmap cannot map)
     quadrature_calls: int = 0
+    #: quadrature adjoint: evaluations of the field at (t0, y0) that check it is one function (and, on
+    #: per-sample time lines, that it does not couple the samples); what they draw or write is put back
+    field_checks: int = 0
     #: Wong--Zakai solves (rampde_torchsde): K, the Karhunen--Loeve terms of the driving path (0: an ODE)
     noise_terms: int = 0
     #: Wong--Zakai solves: the seed of the path's generator when rampde seeded it (an int ``generator`` or

@@ -297,7 +297,7 @@ def test_dropout_field_is_refused_and_the_rng_is_untouched():
     term = to.ODETerm(_Wrap(net))
     adj = QuadratureAdjoint(term, to.Euler(term=term), to.FixedStepController())
     rng = torch.get_rng_state()
-    with pytest.raises(ValueError, match="draws random numbers or writes buffers.*RampdeAdjoint"):
+    with pytest.raises(ValueError, match=r"another value at the same \(t, y\).*random numbers.*RampdeAdjoint"):
         adj.solve(to.InitialValueProblem(torch.ones(2, 3, dtype=F64), torch.zeros(2, dtype=F64),
                                          torch.ones(2, dtype=F64)), dt0=0.1)
     assert torch.equal(torch.get_rng_state(), rng)

@@ -158,6 +158,7 @@ def quadrature_adjoint(adapter, func, y0, t, rtol, atol, method, options, event_
         params=tuple(adjoint_params), buffers=tuple(func.buffers()) if isinstance(func, torch.nn.Module) else (),
         hint="pass them explicitly: odeint_adjoint(..., adjoint_params=(A, b))",
         scaler=solver.options["scaler"], unused_zero=True, method=method, host=host,
+        implicit=solver.tableau.implicit,
     )
     return solve_quadrature(qp, y0, t, owner=owner, instead=f"torchdiffeq.odeint(..., method={method!r})",
                             autograd=_AUTOGRAD)

@@ -149,6 +149,7 @@ class QuadratureAdjoint(torch.nn.Module):
             f=lambda t, y: f(t.to(time_dtype), y), policy=policy, forward=forward, backsolve=backsolve,
             options=self.options, params=params, buffers=tuple(term.buffers()), hint=PARAM_HINT,
             scaler=self.scaler, stack_dim=None, batched_time=True, method=repr(fwd.step_method),
+            implicit=tableau_of(fwd.step_method).implicit,
         )
         times = torch.cat([t_start[None], t_eval.transpose(0, 1)])  # (1 + n_eval, batch), time-major
         out = solve_quadrature(qp, y0, times, owner="QuadratureAdjoint (solve_ivp(..., adjoint='quadrature'))",

@@ -42,6 +42,7 @@ import torch
 from .._policy import PrecisionPolicy
 from .._probe import GraphCheck, sequence_mark
 from .._replay import StepReplay
+from .._watch import FieldWatch
 from .._scaler import AdjointScaler, _pow2
 from .._stats import _private_stats, collect_stats
 
@@ -306,6 +307,7 @@ class QuadratureProblem:
     stack_dim: int | None = 0
     batched_time: bool = False
     method: str = ""
+    implicit: bool = False  # the forward's method is implicit (Newton): a field that writes is refused
     record: object = field(default=None, repr=False)
     host: object = field(default=None, repr=False)  # host data the backward reads (torchdiffeq: adjoint_options)
 
@@ -313,9 +315,39 @@ class QuadratureProblem:
 _RANDOM = (
     "{owner} runs the quadrature adjoint, which integrates the state backward and evaluates the vector "
     "field at states the forward never visited, so the field must be the same function at every evaluation -- "
-    "this one draws random numbers or writes buffers (dropout, BatchNorm in training mode). Put the module in "
-    "eval() mode, or use {instead}, whose exact discrete adjoint replays random numbers and buffers step by step."
+    "this one returned another value at the same (t, y): it draws new random numbers at "
+    "each evaluation (dropout) or its value depends on what it writes. (Writes that do not change what it "
+    "returns -- a call counter, BatchNorm's running statistics, a draw made once and cached -- are fine.) Put "
+    "the module in eval() mode, or use {instead}, whose exact discrete adjoint replays random numbers and "
+    "buffers step by step."
 )
+
+
+_IMPLICIT = (
+    "{owner}: method {method!r} is implicit: Newton's method evaluates the vector field several times per stage, "
+    "so the field must be the same function at every evaluation -- this one draws random numbers or writes "
+    "buffers (dropout, BatchNorm in training mode, a call counter). Put the module in eval() mode, or use an "
+    "explicit method"
+)
+
+
+_COUPLED = (
+    "{owner} runs the quadrature adjoint on per-sample time lines (each sample takes its own steps), but the "
+    "vector field couples the samples of the batch -- the other samples' velocities changed when only the "
+    "first sample's state did (BatchNorm in training mode, a mean over the batch). The backward solves would "
+    "evaluate it with the samples at other times than the forward did. Use {instead}, whose exact discrete "
+    "adjoint differentiates the steps that ran, or put the module in eval() mode."
+)
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        return bool(torch.equal(a, b)) or bool(((a == b) | (a.isnan() & b.isnan())).all())
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+        return all(_same_value(x, y) for x, y in zip(a, b))
+    return a is b or a == b
 
 
 _FIRST_ORDER = (
@@ -347,27 +379,54 @@ def _first_order(qp: QuadratureProblem, what: str) -> str:
 class _QuadratureAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qp: QuadratureProblem, y0, t, *params):
+        # The field must be one function of (t, y) -- the backward evaluates it at states the forward
+        # never visited.  What it writes without changing what it returns (a call counter, BatchNorm's
+        # running statistics in training mode, a draw made at its first call and cached) is fine and
+        # stays, as torchdiffeq's own adjoint leaves it.  Checked at (t0, y0): its first evaluation
+        # (watched: tensors a closure writes can be put back) must agree bitwise with one right after
+        # it and with one after the forward (both undone); otherwise -- new random numbers at each
+        # evaluation, a value that depends on what it wrote -- it is refused with everything put back.
         replay = StepReplay(qp.buffers, y0.device)
-        # One evaluation first, watched and put back: tensors the field writes besides its module
-        # buffers (a BatchNorm inside a plain closure) join the buffers the forward is guarded on.
-        with torch.no_grad():
-            replay.isolated(lambda: qp.f(t[0], y0.detach()))
-        replay.adopt(replay.last_outside)
-
-        def run():
+        y0d = y0.detach()
+        saved = replay.save_state()
+        checks = 0
+        try:
+            watch = FieldWatch((y0d, t[0]), replay.buffers)
+            with torch.no_grad(), watch:
+                first = qp.f(t[0], y0d)
+            replay.adopt(watch.external_writes())
+            if qp.implicit and replay.changed_since(saved):
+                # Newton's iterations evaluate the field many times per stage (as the discrete adjoint refuses)
+                raise ValueError(_IMPLICIT.format(owner=qp.owner, method=qp.method))
+            with torch.no_grad():
+                again, _ = replay.isolated(lambda: qp.f(t[0], y0d))
+            checks += 1
+            if not _same_value(first, again):
+                raise ValueError(_RANDOM.format(owner=qp.owner, instead=qp.instead))
+            if qp.batched_time and y0d.ndim >= 1 and y0d.shape[0] > 1:
+                # Per-sample time lines (torchode): a field that couples the samples (BatchNorm in
+                # training mode) would be evaluated at mismatched times by the backward solves.
+                moved = y0d.clone()
+                moved[0] = moved[0] * 1.5 + 0.25
+                with torch.no_grad():
+                    other, _ = replay.isolated(lambda: qp.f(t[0], moved))
+                checks += 1
+                if not _same_value(first[1:], other[1:]):
+                    raise ValueError(_COUPLED.format(owner=qp.owner, instead=qp.instead))
             with collect_stats() as mine:
-                sol = qp.forward(y0.detach())
-            return sol, mine
-
-        out, changed, exc = replay.guarded(run)
-        if changed:
-            raise ValueError(_RANDOM.format(owner=qp.owner, instead=qp.instead)) from exc
-        if exc is not None:
-            raise exc
-        sol, mine = out
+                sol = qp.forward(y0d)
+            with torch.no_grad():
+                again, _ = replay.isolated(lambda: qp.f(t[0], y0d))
+            checks += 1
+            if not _same_value(first, again):
+                raise ValueError(_RANDOM.format(owner=qp.owner, instead=qp.instead))
+        except BaseException:
+            replay.restore_state(saved)
+            raise
         qp.record = mine.records[0] if mine.records else None
         if qp.record is not None:
             qp.record.adjoint = "quadrature"
+            qp.record.field_checks = checks
         ctx.qp = qp
         ctx.y0_dtype = y0.dtype
         if qp.host is not None:
