@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -32,6 +33,29 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def choose_threads(spec: str | int = "auto") -> tuple[int, str]:
+    """The torch thread count for a benchmark process, and why.
+
+    ``"auto"``: the cores this process may run on minus the load other processes already put on them
+    (the 1-minute load average, rounded), at least 1.  OpenMP threads that outnumber the free cores
+    oversubscribe them: every parallel region then waits for its slowest thread, descheduled behind
+    another process, and a torch program runs many times slower (10x and more measured here with two
+    competing torch processes on 2 cores).  An integer is taken as given."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not Linux)
+        cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if spec != "auto":
+        n = int(spec)
+        if n < 1:
+            raise ValueError(f"--threads {spec!r}: a positive integer or 'auto'")
+        return n, f"{n} as asked ({cores} cores, load average {load:.2f})"
+    n = max(1, min(cores, int(cores - load + 0.5)))
+    return n, (f"{n} of {cores} cores: load average {load:.2f} from other processes "
+               f"(more threads than free cores oversubscribe them; --threads N to choose)")
 
 
 def rel_err(a, b) -> float:

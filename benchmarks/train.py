@@ -26,7 +26,7 @@ from torchdiffeq import odeint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rampde_plugins  # noqa: E402  (activates the torchdiffeq adapter)
-from _common import SavedTensorMeter, default_precision, machine_info, rel_err  # noqa: E402
+from _common import SavedTensorMeter, choose_threads, default_precision, machine_info, rel_err  # noqa: E402
 
 A_TRUE = [[-0.1, 2.0], [-2.0, -0.1]]
 
@@ -181,11 +181,23 @@ def parse_args(argv=None):
     p.add_argument("--t-end", type=float, default=10.0, help="length of the ground-truth trajectory")
     p.add_argument("--out", default="out/train", help="output folder (plot and JSON)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", default="auto", help="torch threads: 'auto' (the cores the load leaves free) or N")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    threads, why = choose_threads(args.threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # (this program's own setting, put back at the end)
+    print(f"threads: {why}", flush=True)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _main(args) -> dict:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     precision = args.precision or default_precision(device)
     rampde_plugins.resolve_policy(precision, device_type=device.type)  # clear error for a bad name/device
@@ -227,8 +239,8 @@ def main(argv=None) -> dict:
     lines.append(f"ratios (rampde / torchdiffeq): time {ours['time_per_iter_ms'] / host['time_per_iter_ms']:.2f}x, "
                  f"memory {ours[mem_key] / host[mem_key]:.3f}x   ({'autograd saved tensors' if device.type == 'cpu' else 'CUDA peak'})")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    lines.append(f"machine: {torch.get_num_threads()} torch threads, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
-                 "(on a busy machine OpenMP threads oversubscribe: expect several times the idle times)")
+    lines.append(f"machine: {torch.get_num_threads()} torch threads (chosen from the cores and the load: --threads), "
+                 f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end")
     out = Path(args.out)
     settings = (f"rampde_rk4 {precision} vs torchdiffeq rk4 fp32: {args.iters} iterations, {args.steps} RK4 steps, "
                 f"hidden {args.hidden}, batch {args.batch}, lr {args.lr}, seed {args.seed}, {device.type}")
