@@ -519,37 +519,34 @@ def reference(host, family, field, policy):
 
     Explicit families: the host's own method through the same steps; DIRK families: rampde's fp64
     discrete adjoint with the "steps" schedule (no host has these methods)."""
+    fb, ys, grad = _reference_solve(host, family, field, policy, y0_value())
+    return Reference(ys.detach(), grad, fb.buffers(), torch.get_rng_state())
+
+
+def _reference_solve(host, family, field, policy, y0):
+    """The reference's solve from ``y0`` (fp64): (the field, its outputs, their gradient)."""
     fb = make_field(field, F64)
-    y0 = y0_value().requires_grad_(True)
+    y0 = y0.requires_grad_(True)
     torch.manual_seed(SEED)
     if family.startswith("explicit"):
         ys = _host_own(host, family, fb, y0, tolerances(family, policy, field), max_step(family, policy, field))
     else:
         cell = Cell(host, family, "steps", "discrete", field, policy)
         ys, _ = solve(cell, fb, y0, policy="fp64")
-    grad = gradient(ys, y0, fb.params)
-    return Reference(ys.detach(), grad, fb.buffers(), torch.get_rng_state())
+    return fb, ys, gradient(ys, y0, fb.params)
 
 
 @functools.lru_cache(maxsize=None)
 def rounding_sensitivity(host, family, field, policy):
     """How far the reference itself moves when ``y0`` moves by one unit in the last place: (outputs,
-    gradient) relative, floating-point buffers absolute.  Step-size control turns rounding into other step sizes, and a field that
-    couples the batch (BatchNorm in training mode) amplifies those: on the adaptive bn-closure field
+    gradient) relative, floating-point buffers absolute.  Step-size control turns rounding into other
+    step sizes, and a field that couples the batch (BatchNorm in training mode) amplifies those: on the adaptive bn-closure field
     torchode's own Dopri5 moves by 6.5e-10 (outputs) for a one-ulp change of ``y0``, where the plain
     field moves by 1.5e-15.  An fp64 cell must agree with its reference to ``FP64_BOUND`` or to a
     few times this, whichever is larger: two correct implementations of the same steps, rounding in
     different places, differ by about that much."""
     ref = reference(host, family, field, policy)
-    fb = make_field(field, F64)
-    y0 = (y0_value() * (1 + 2.0**-52)).requires_grad_(True)
-    torch.manual_seed(SEED)
-    if family.startswith("explicit"):
-        ys = _host_own(host, family, fb, y0, tolerances(family, policy, field), max_step(family, policy, field))
-    else:
-        cell = Cell(host, family, "steps", "discrete", field, policy)
-        ys, _ = solve(cell, fb, y0, policy="fp64")
-    grad = gradient(ys, y0, fb.params)
+    fb, ys, grad = _reference_solve(host, family, field, policy, y0_value() * (1 + 2.0**-52))
 
     def rel(a, b):
         return float((a.detach() - b).norm() / b.norm())

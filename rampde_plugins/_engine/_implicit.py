@@ -170,11 +170,13 @@ class DirkStepper(Stepper):
         f, calls = prob.f, [0]
 
         def checked(t, y):
-            # From the second evaluation on (the first may be a probe whose closure writes are
-            # adopted only after it returns): refuse as soon as the field has drawn or written,
-            # not after Newton has failed at every step size down to the step cap.
+            # At the second evaluation (the first may be a probe whose closure writes are adopted
+            # only after it returns): refuse as soon as the field has drawn or written, not after
+            # Newton has failed at every step size down to the step cap.  Once only -- the check
+            # reads the generator state and compares every buffer; a field that starts drawing
+            # later is refused at the end of the forward (guarded).
             calls[0] += 1
-            if calls[0] >= 2 and replay.changed_in_guard():
+            if calls[0] == 2 and replay.changed_in_guard():
                 raise _ImpureField()
             return f(t, y)
 
