@@ -44,8 +44,8 @@ class SolveStats:
     forward_runs: int = 0
     #: the checkpoint schedule that ran: "steps", "graphs", "segments" or "binomial"
     schedule: str = "steps"
-    #: steps rebuilt per VJP when more than one: segments' k, or the group of small steps "steps"
-    #: reversed together; else 0
+    #: steps reversed per VJP when more than one: segments' k, the group of small steps "steps"
+    #: reversed together, or the group of kept step graphs "graphs" reverses together; else 0
     segment_steps: int = 0
     #: the schedule reversed explicit steps stage by stage (``stages=True``: one stage's graph at a time)
     stage_vjp: bool = False

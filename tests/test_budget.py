@@ -136,9 +136,9 @@ def test_budget_ladder_peak_within_budget_work_monotone_gradients_identical():
         assert rec.forward_nfe + rec.backward_nfe == 4 * steps_run + 4
         if rec.schedule == "segments":  # ceil(N / k) stored states, one VJP per k steps
             assert rec.checkpoints == -(-N // rec.segment_steps) and rec.backward_steps == N
-    # below "graphs": segments of 16, 8, 4, 2 steps while they fit (the same steps as "steps", fewer
+    # "graphs" reverses its kept graphs 16 steps per VJP; below it: segments of 16, 8, 4, 2 steps while they fit (the same steps as "steps", fewer
     # and larger VJPs), "steps" while its states fit, then binomial with ever fewer checkpoints
-    assert chosen == [("graphs", 0), ("segments", 16), ("segments", 16), ("segments", 8), ("segments", 4),
+    assert chosen == [("graphs", 16), ("segments", 16), ("segments", 16), ("segments", 8), ("segments", 4),
                       ("segments", 2), ("steps", N), ("binomial", 20), ("binomial", 12), ("binomial", 5),
                       ("binomial", 2)]
     # less memory, never less work: field evaluations never fall, and at equal evaluations the

@@ -72,7 +72,13 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
         carry = fsal and replay is not None and replay.active
         if carry:
             prob.carried_k0.clear()
+        group = _tape_group(prob, keeper, fsal)
+        if group > 1 and n_steps > 1:
+            keeper.grouped = min(group, n_steps - 1)  # (SolveStats.segment_steps; the first step is its own)
+        skip_to = 0
         for n in range(n_steps):
+            if n < skip_to:  # (taped with an earlier step: one graph for a group of steps)
+                continue
             if keeper is not None:
                 carried = carry and n > 0 and k0 is not None
                 if carried:
@@ -83,12 +89,19 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
             if prob.callback_step is not None:
                 prob.callback_step(grid[n], y, table.h_at(n))
             if keeper is not None and keeper.tape_now(n):
-                # This step's graph is kept for the backward (the tape checks itself for hidden tensors).
-                tape = build_tape(prob, frame, n, n + 1, y, k0, replay=False)
+                # This step's graph is kept for the backward (the tape checks itself for hidden tensors);
+                # under "graphs", with the group of steps after it that one VJP will reverse.
+                # (the first step alone: its tape is checked for hidden tensors now, in the forward, and
+                # only that step is watched for the leaves the field creates itself)
+                n1 = min(n + group, n_steps) if n else 1
+                tape = build_tape(prob, frame, n, n1, y, k0, replay=False)
                 nfe += tape.nfe
-                taped += 1
+                taped += n1 - n
+                skip_to = n1
                 check_tape(prob, tape, prob.params, frame,
-                           lambda: f" (at step {n} of {n_steps}, t = {float(grid[n].min()):.6g})")
+                           lambda: (f" (at step {n} of {n_steps}, t = {float(grid[n].min()):.6g})" if n1 - n == 1 else
+                                    f" (in steps {n} to {n1 - 1} of {n_steps}, t = {float(grid[n].min()):.6g} to "
+                                    f"{float(grid[n1].max()):.6g})"))
                 for entry, values, _ in tape.outs:
                     outputs.write(sol, entry, [v.detach() for v in values])
                 y = tape.y_end.detach()
@@ -131,6 +144,25 @@ def _forward_once(prob: _Problem, y0, grid, t_out, keep: bool, replaying: bool):
     if prob.measure and keeper is not None:
         rec.peak_bytes = keeper.nbytes() + prob.held_graph_bytes + prob.held_extra_bytes()
     return sol
+
+
+def _tape_group(prob: _Problem, keeper, fsal: bool) -> int:
+    """Steps per tape of a fixed-grid forward that tapes every step (``"graphs"``): the group one VJP
+    reverses, as ``"steps"`` groups its recomputed steps -- a small field's backward is dominated by
+    autograd's per-call cost (measured on the benchmark's tiny field: 1000 one-step VJPs took 30%
+    longer than the field's whole backward).  The graphs are kept either way, so a group costs no
+    memory; it changes the gradient only by the order of floating-point sums.  One step per tape
+    where a group would change what runs: an FSAL tableau (each step starts from the carried last
+    stage), a per-step callback, fp16's dynamic adjoint scaling (its scale follows the adjoint VJP
+    by VJP), an implicit stepper."""
+    if keeper is None or not getattr(keeper, "groups_tapes", False):
+        return 1
+    if (fsal or prob.stepper.implicit or prob.policy.scaling == "dynamic" or prob.callback_step is not None
+            or prob.callback_step_adjoint is not None or prob.callback_accept_step_adjoint is not None):
+        return 1
+    from ._schedules import GROUP_MAX
+
+    return GROUP_MAX
 
 
 class StepController:

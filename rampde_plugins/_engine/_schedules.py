@@ -493,7 +493,10 @@ class _StatesKeeper(Keeper):
 
 
 class _GraphsKeeper(Keeper):
-    """Every step's tape, built in the forward; nothing is recomputed."""
+    """Every step's tape, built in the forward; nothing is recomputed.  On a fixed grid a tape holds a
+    group of steps (``_drivers._tape_group``), reversed by one VJP."""
+
+    groups_tapes = True
 
     def __init__(self, schedule):
         self.schedule, self._tapes = schedule, []
@@ -512,7 +515,7 @@ class _GraphsKeeper(Keeper):
         tapes, self._tapes = self._tapes, []
         for n in range(len(tapes) - 1, -1, -1):
             tape, tapes[n] = tapes[n], None
-            if n <= sweep.last:
+            if tape.n0 <= sweep.last:
                 sweep.reverse(tape)
             del tape
 
