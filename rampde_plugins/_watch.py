@@ -37,6 +37,29 @@ def storage_key(t: torch.Tensor):
         return None
 
 
+_SCHEMA_FACTS: dict = {}
+
+
+def _schema_facts(func):
+    """What the watch needs of an operator's schema, derived once per operator: the arguments it may
+    write (index, name, marked written by the schema -- else BatchNorm's running statistics, written
+    in training mode), the index of its ``training`` flag (or None), and whether its results are new
+    tensors (no alias)."""
+    facts = _SCHEMA_FACTS.get(func)
+    if facts is None:
+        schema = func._schema
+        names = [a.name for a in schema.arguments]
+        stats = "running_mean" in names and "training" in names
+        writes = tuple((i, a.name, bool(a.alias_info is not None and a.alias_info.is_write))
+                       for i, a in enumerate(schema.arguments)
+                       if (a.alias_info is not None and a.alias_info.is_write)
+                       or (stats and a.name in ("running_mean", "running_var")))
+        facts = (writes, names.index("training") if stats else None,
+                 all(r.alias_info is None for r in schema.returns))
+        _SCHEMA_FACTS[func] = facts
+    return facts
+
+
 class FieldWatch(TorchDispatchMode):
     """Record external in-place writes and created storages while active.
 
@@ -54,29 +77,24 @@ class FieldWatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        schema = func._schema
-        names = [a.name for a in schema.arguments]
-
-        def value_of(i, name):
-            return args[i] if i < len(args) else kwargs.get(name)
-
-        # BatchNorm's kernels (native_batch_norm, cudnn/miopen variants) update the running
-        # statistics in training mode although their schema does not mark them written.
-        stats_written = "running_mean" in names and "training" in names and bool(
-            value_of(names.index("training"), "training"))
-        for i, arg in enumerate(schema.arguments):
-            info = arg.alias_info
-            if (info is None or not info.is_write) and not (stats_written and arg.name in ("running_mean", "running_var")):
-                continue
-            value = value_of(i, arg.name)
-            for t in (value if isinstance(value, (list, tuple)) else (value,)):
-                if not isinstance(t, torch.Tensor):
+        writes, training_at, creates = _schema_facts(func)
+        if writes:
+            # BatchNorm's kernels (native_batch_norm, cudnn/miopen variants) update the running
+            # statistics in training mode although their schema does not mark them written.
+            stats_written = training_at is not None and bool(
+                args[training_at] if training_at < len(args) else kwargs.get("training"))
+            for i, name, marked in writes:
+                if not (marked or stats_written):
                     continue
-                key = storage_key(t)
-                if key and key not in self.created and key not in self._skip and key not in self.written:
-                    self.written[key] = (t, t.detach().clone())
+                value = args[i] if i < len(args) else kwargs.get(name)
+                for t in (value if isinstance(value, (list, tuple)) else (value,)):
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    key = storage_key(t)
+                    if key and key not in self.created and key not in self._skip and key not in self.written:
+                        self.written[key] = (t, t.detach().clone())
         out = func(*args, **kwargs)
-        if all(r.alias_info is None for r in schema.returns):
+        if creates:
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     key = storage_key(t)
