@@ -217,6 +217,11 @@ class _GridAdjoint(torch.autograd.Function):
         # hooks (offloading, the saved-tensor meter) see it; the keeper gets the unpacked one back.
         ctx.fixed = isinstance(states, torch.Tensor)
         ctx.save_for_backward(*((states,) if ctx.fixed else ()), grid, t_out, *params)
+        if ctx.fixed:
+            # Autograd keeps them now: the keeper's reference would outlive the backward (a solve's
+            # problem, keeper and stepper form a reference cycle that only the cyclic collector frees;
+            # a training loop held one more iteration's states per iteration until it ran).
+            keeper.release_states()
         return sol
 
     @staticmethod
@@ -231,7 +236,12 @@ class _GridAdjoint(torch.autograd.Function):
             saved = saved[1:]
         grid, t_out, *params = saved
         needs = ctx.needs_input_grad[1:]
-        g_y0, g_grid, g_tout, g_params = _backward(ctx.prob, ctx.keeper, grid, t_out, params, grad_sol, needs)
+        try:
+            g_y0, g_grid, g_tout, g_params = _backward(ctx.prob, ctx.keeper, grid, t_out, params, grad_sol, needs)
+        finally:
+            if ctx.fixed:  # (a retained graph's second backward gets them again from saved_tensors)
+                ctx.keeper.release_states()
+            del saved
         out_params = [None] * len(params)
         for i, gp in g_params:
             out_params[i] = None if gp is None else gp.to(params[i].dtype)
