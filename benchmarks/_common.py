@@ -35,26 +35,53 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def runnable_others(samples: int = 5, interval: float = 0.05) -> float:
+    """Other processes' threads runnable right now: the median over a few samples of the kernel's
+    running-task count (``/proc/loadavg``'s 4th field) minus this one; 0.0 where there is no /proc.
+
+    The load average follows a load that has just started with a one-minute lag: a program started
+    together with its competitors would see a quiet machine."""
+    import statistics
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as fh:
+                counts.append(max(0, int(fh.read().split()[3].split("/")[0]) - 1))
+        except (OSError, IndexError, ValueError):
+            return 0.0
+        if i + 1 < samples:
+            time.sleep(interval)
+    return float(statistics.median(counts))
+
+
 def choose_threads(spec: str | int = "auto") -> tuple[int, str]:
     """The torch thread count for a benchmark process, and why.
 
     ``"auto"``: the cores this process may run on minus the load other processes already put on them
-    (the 1-minute load average, rounded), at least 1.  OpenMP threads that outnumber the free cores
-    oversubscribe them: every parallel region then waits for its slowest thread, descheduled behind
-    another process, and a torch program runs many times slower (10x and more measured here with two
-    competing torch processes on 2 cores).  An integer is taken as given."""
+    (the larger of the 1-minute load average and the threads runnable right now, rounded), at least 1.
+    OpenMP threads that outnumber the free cores oversubscribe them: every parallel region then waits
+    for its slowest thread, descheduled behind another process, and a torch program runs many times
+    slower (10x and more measured here with two competing torch processes on 2 cores).  An integer is
+    taken as given."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # (not Linux)
         cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if spec != "auto":
-        n = int(spec)
+        try:
+            n = int(spec)
+        except (TypeError, ValueError):
+            n = 0
         if n < 1:
             raise ValueError(f"--threads {spec!r}: a positive integer or 'auto'")
-        return n, f"{n} as asked ({cores} cores, load average {load:.2f})"
+        return n, f"{n} as asked ({cores} cores, load average {avg:.2f})"
+    now = runnable_others()
+    load = max(avg, now)
     n = max(1, min(cores, int(cores - load + 0.5)))
-    return n, (f"{n} of {cores} cores: load average {load:.2f} from other processes "
+    return n, (f"{n} of {cores} cores: load average {avg:.2f}, {now:.0f} other threads runnable now "
                f"(more threads than free cores oversubscribe them; --threads N to choose)")
 
 
