@@ -60,6 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    choose_threads,
     current_rss_bytes,
     machine_info,
     peak_rss_bytes,
@@ -1024,7 +1025,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
     p.add_argument("--mem-budget-gib", type=float, default=8.0, help="(e): skip a configuration estimated above this")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's; --smoke: 1)")
+    p.add_argument("--threads", default="auto",
+                   help="torch intra-op threads: N, or 'auto' (the cores the load leaves free; --smoke: 1)")
     p.add_argument("--interleaved-rounds", type=int, default=None,
                    help="schedules study: rounds of the interleaved timing phase (one process per problem, "
                         "configurations round by round; its medians give the time targets); default "
@@ -1036,7 +1038,7 @@ def parse_args(argv=None):
         # One thread: the smoke run shares the CPU with the test suite's other workers, and
         # oversubscribed OpenMP threads spin on each other (tiny ops then take milliseconds).
         args.repeats, args.scaling_repeats, args.min_time = 1, 1, 0.0
-        args.threads = args.threads or 1
+        args.threads = 1 if args.threads == "auto" else args.threads
     return args
 
 
@@ -1077,8 +1079,13 @@ def main(argv=None) -> dict | None:
         return None
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    if args.threads:
+    if device.type == "cpu" or args.threads != "auto":
+        # (this program's setting; the workers get the same count through their job specs)
+        args.threads, why = choose_threads(args.threads)
+        log.info("threads: %s", why)
         torch.set_num_threads(args.threads)
+    else:
+        args.threads = None
     keys = [k.strip() for k in args.problems.split(",") if k.strip()]
     unknown = set(keys) - set(PROBLEMS) - {"e"}
     if unknown:

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info  # noqa: E402
+from _common import choose_threads, machine_info  # noqa: E402
 
 import rampde_plugins  # noqa: E402,F401  (installs the adapters)
 import torchsde  # noqa: E402
@@ -125,11 +125,12 @@ def main(argv=None):
     ap.add_argument("--routes", default=",".join(ROUTES))
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--dt", type=float, default=0.01, help="torchsde's step (training routes and sampling)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--threads", default="auto", help="torch threads: N, or 'auto' (the cores the load leaves free)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads, why = choose_threads(args.threads)
+    torch.set_num_threads(threads)  # (this program's own setting)
+    print(f"threads: {why}", flush=True)
     routes = [r.strip() for r in args.routes.split(",") if r.strip()]
     bad = [r for r in routes if r not in ROUTES]
     if bad:
