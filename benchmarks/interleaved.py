@@ -107,6 +107,28 @@ def _timer(case):
     return iteration
 
 
+def op_counts(iteration, method, options) -> tuple[int, int]:
+    """Operators one iteration dispatches (forward and backward), and how many of them produce a tensor
+    of at least 32768 elements -- torch's grain size, above which a CPU kernel opens an OpenMP parallel
+    region (what an oversubscribed machine makes expensive)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Count(TorchDispatchMode):
+        ops = big = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Count.ops += 1
+            if any(isinstance(t, torch.Tensor) and t.numel() >= 32768 for t in tree_flatten(out)[0]):
+                Count.big += 1
+            return out
+
+    with Count():
+        iteration(method, options)
+    return Count.ops, Count.big
+
+
 def targets(rounds: int, threads_spec: str, out: Path | None) -> dict:
     """The overhead targets, measured (see the module docstring)."""
     import json
@@ -129,7 +151,8 @@ def targets(rounds: int, threads_spec: str, out: Path | None) -> dict:
             for r in range(rounds):
                 for name, (method, options) in items[r % len(items):] + items[: r % len(items)]:
                     times[name].append(iteration(method, options))
-            result["problems"][key] = {"steps": case.n_steps, "times_s": times}
+            counts = {name: op_counts(iteration, method, options) for name, (method, options) in configs.items()}
+            result["problems"][key] = {"steps": case.n_steps, "times_s": times, "op_counts": counts}
     finally:
         torch.set_num_threads(before)
     result["load_average"] = [load_start, os.getloadavg()[0]]
@@ -160,6 +183,12 @@ def targets(rounds: int, threads_spec: str, out: Path | None) -> dict:
                  f"that recomputes) | {1e3 * min(tb[floor_name]):.0f} | {1e3 * statistics.median(tb[floor_name]):.0f} | "
                  f"torchdiffeq rk4 fp32 | {result['floor_b_ratio']:.2f}x | "
                  f"{statistics.median(tb[floor_name]) / statistics.median(tb['torchdiffeq rk4 fp32']):.2f}x | - | |")
+    lines += ["", "Operators per iteration, forward and backward (counted in one more iteration; \"parallel\": those "
+              "producing at least 32768 elements, each an OpenMP parallel region on the CPU):", "",
+              "| problem | " + " | ".join(["configuration", "operators", "of them parallel"]) + " |", "|---|---|---|---|"]
+    for key, prob in result["problems"].items():
+        for i, (name, (ops, big)) in enumerate(prob["op_counts"].items()):
+            lines.append(f"| {titles[key] if i == 0 else ''} | {name} | {ops} | {big} |")
     result["default_over_floor_b"] = min(tb["rampde fp32 default (steps)"]) / min(tb[floor_name])
     lines += ["", f"On (b) the default schedule takes {result['default_over_floor_b']:.2f}x the hand-written loop that "
               f"runs the same two forwards and one backward with no solver around them (fastest rounds); that loop "
