@@ -13,6 +13,8 @@ from ._attempt import attempt_step
 from ._steppers import StepData, _check_velocity
 from ._tape import FirstStage, Frame, TimeNeeds, add_tape_outputs, build_tape, check_tape
 from ._budget import MemoryBudget, resolve_budget, tape_nbytes
+from ._scaling import scales_per_step
+from ._schedules import GROUP_MAX
 
 
 def _forward(prob: _Problem, y0, grid, t_out, *, keep: bool):
@@ -155,13 +157,11 @@ def _tape_group(prob: _Problem, keeper, fsal: bool) -> int:
     where a group would change what runs: an FSAL tableau (each step starts from the carried last
     stage), a per-step callback, fp16's dynamic adjoint scaling (its scale follows the adjoint VJP
     by VJP), an implicit stepper."""
-    if keeper is None or not getattr(keeper, "groups_tapes", False):
+    if keeper is None or not keeper.groups_tapes:
         return 1
-    if (fsal or prob.stepper.implicit or prob.policy.scaling == "dynamic" or prob.callback_step is not None
+    if (fsal or prob.stepper.implicit or scales_per_step(prob.policy, prob.scaler) or prob.callback_step is not None
             or prob.callback_step_adjoint is not None or prob.callback_accept_step_adjoint is not None):
         return 1
-    from ._schedules import GROUP_MAX
-
     return GROUP_MAX
 
 

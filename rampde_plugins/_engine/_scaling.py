@@ -111,11 +111,23 @@ class DynamicScaling:
         record.final_scale = self.scale
 
 
-def make_scaling(policy, scaler: AdjointScaler | None, n_steps: int, record):
-    """The scaling strategy of a backward: dynamic for a policy that asks for it and a scaler that is
-    enabled, the plain VJP otherwise."""
+def _dynamic_scaler(policy, scaler: AdjointScaler | None) -> AdjointScaler | None:
+    """The enabled scaler a backward under ``policy`` scales with, or None (the plain VJP)."""
     if policy.scaling == "dynamic":
         s = scaler if scaler is not None else AdjointScaler._from_config(policy.scaler)
         if s.is_enabled():
-            return DynamicScaling(s, n_steps, record)
-    return NoScaling()
+            return s
+    return None
+
+
+def make_scaling(policy, scaler: AdjointScaler | None, n_steps: int, record):
+    """The scaling strategy of a backward: dynamic for a policy that asks for it and a scaler that is
+    enabled, the plain VJP otherwise."""
+    s = _dynamic_scaler(policy, scaler)
+    return NoScaling() if s is None else DynamicScaling(s, n_steps, record)
+
+
+def scales_per_step(policy, scaler: AdjointScaler | None) -> bool:
+    """Will this solve's backward want one VJP per step (the ``per_step`` of its scaling strategy)?
+    Known before the forward, for the schedules that decide then how many steps one tape holds."""
+    return (NoScaling if _dynamic_scaler(policy, scaler) is None else DynamicScaling).per_step

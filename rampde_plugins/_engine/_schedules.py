@@ -380,6 +380,8 @@ class Keeper:
     checkpoints = 0
     #: steps reversed per VJP when more than one (SolveStats.segment_steps), else 0
     grouped = 0
+    #: a fixed-grid forward may tape a group of steps at once (``tape_now`` then covers the group)
+    groups_tapes = False
 
     def keep(self, n, y, k0) -> None:
         pass
