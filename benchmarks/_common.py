@@ -7,8 +7,6 @@ import platform
 
 import torch
 
-from rampde_plugins._stats import SavedTensorMeter  # noqa: F401  (re-exported for the main job)
-
 
 def machine_info(device: torch.device) -> dict:
     import importlib.metadata as md
@@ -83,6 +81,28 @@ def choose_threads(spec: str | int = "auto") -> tuple[int, str]:
     n = max(1, min(cores, int(cores - load + 0.5)))
     return n, (f"{n} of {cores} cores: load average {avg:.2f}, {now:.0f} other threads runnable now "
                f"(more threads than free cores oversubscribe them; --threads N to choose)")
+
+
+def round_robin(fns: dict, rounds: int, sync=None) -> dict[str, list[float]]:
+    """Seconds per call of each ``label -> fn``: one warm-up call each, then ``rounds`` rounds with the
+    order rotated every round, so that a load that comes and goes hits every configuration alike.
+    ``sync``: called before and after each timed call (``torch.cuda.synchronize`` on a GPU)."""
+    import time
+
+    items = list(fns.items())
+    for _, fn in items:
+        fn()
+    times: dict[str, list[float]] = {label: [] for label, _ in items}
+    for r in range(rounds):
+        for label, fn in items[r % len(items):] + items[: r % len(items)]:
+            if sync is not None:
+                sync()
+            t0 = time.perf_counter()
+            fn()
+            if sync is not None:
+                sync()
+            times[label].append(time.perf_counter() - t0)
+    return times
 
 
 def rel_err(a, b) -> float:

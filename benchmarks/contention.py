@@ -34,7 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import rampde_plugins  # noqa: E402,F401  (installs the rampde methods)
-from _common import choose_threads, machine_info  # noqa: E402
+from _common import choose_threads, machine_info, round_robin  # noqa: E402
 
 COMPETITOR = """
 import sys, torch
@@ -92,20 +92,11 @@ CONFIGS = {  # label -> (kind, checkpoint)
 
 def time_round_robin(steps: dict, rounds: int, threads: int) -> dict[str, list[float]]:
     """Seconds per iteration of each step function on ``threads`` torch threads, rounds interleaved
-    (order rotated), one warm-up each."""
+    (:func:`_common.round_robin`); torch's thread setting is put back."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for fn in steps.values():
-            fn()
-        out: dict[str, list[float]] = {k: [] for k in steps}
-        items = list(steps.items())
-        for r in range(rounds):
-            for label, fn in items[r % len(items):] + items[: r % len(items)]:
-                t0 = time.perf_counter()
-                fn()
-                out[label].append(time.perf_counter() - t0)
-        return out
+        return round_robin(steps, rounds)
     finally:
         torch.set_num_threads(before)
 

@@ -133,7 +133,7 @@ def targets(rounds: int, threads_spec: str, out: Path | None) -> dict:
     """The overhead targets, measured (see the module docstring)."""
     import json
 
-    from _common import choose_threads, machine_info
+    from _common import choose_threads, machine_info, round_robin
 
     threads, why = choose_threads(threads_spec)
     before = torch.get_num_threads()
@@ -144,13 +144,8 @@ def targets(rounds: int, threads_spec: str, out: Path | None) -> dict:
         for key, configs in TARGET_CONFIGS.items():
             case = build_case(key, smoke=out is None, device="cpu")
             iteration = _timer(case)
-            for method, options in configs.values():
-                iteration(method, options)  # warm-up
-            times = {name: [] for name in configs}
-            items = list(configs.items())
-            for r in range(rounds):
-                for name, (method, options) in items[r % len(items):] + items[: r % len(items)]:
-                    times[name].append(iteration(method, options))
+            times = round_robin({name: (lambda m=method, o=options: iteration(m, o))
+                                 for name, (method, options) in configs.items()}, rounds)
             counts = {name: op_counts(iteration, method, options) for name, (method, options) in configs.items()}
             result["problems"][key] = {"steps": case.n_steps, "times_s": times, "op_counts": counts}
     finally:

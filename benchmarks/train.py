@@ -23,8 +23,8 @@ average are printed and drawn in the PNG with the fits, the loss curves and the 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -40,6 +40,7 @@ import rampde_plugins  # noqa: E402  (activates the torchdiffeq adapter)
 from _common import (  # noqa: E402
     choose_threads, current_rss_bytes, default_precision, machine_info, peak_rss_bytes, rel_err, release_free_memory,
     reset_peak_rss,
+    round_robin,
 )
 
 A_TRUE = [[-0.1, 2.0], [-2.0, -0.1]]
@@ -125,8 +126,7 @@ def gradient_errors(func, device, batch, precision, steps):
     y0_b, t_b, y_b = batch
 
     def grads(kind, dtype, prec):
-        f = ODEFunc(func.net[0].out_features, _layers(func)).to(device, dtype)
-        f.load_state_dict(func.state_dict())
+        f = copy.deepcopy(func).to(device, dtype)
         pred = run_solver(kind, f, y0_b.to(device, dtype), t_b.to(device, dtype), steps, prec)
         loss = (pred - y_b.to(device, dtype)).square().mean()
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(f.parameters()))])
@@ -135,15 +135,10 @@ def gradient_errors(func, device, batch, precision, steps):
     return rel_err(grads("rampde", torch.float32, precision), ref), rel_err(grads("torchdiffeq", torch.float32, None), ref)
 
 
-def _layers(func) -> int:
-    return sum(isinstance(m, torch.nn.Linear) for m in func.net) - 1
-
-
 def fit_error(func, data, device, steps_per_unit=40):
     t, y = data
     with torch.no_grad():
-        f = ODEFunc(func.net[0].out_features, _layers(func)).to(device, torch.float64)
-        f.load_state_dict(func.state_dict())
+        f = copy.deepcopy(func).to(device, torch.float64)
         pred = odeint(f, y[:1].to(device), t.to(device), method="rampde_rk4",
                       options={"step_size": 1.0 / steps_per_unit, "precision": "fp64"})[:, 0, :].cpu()
     return float((pred - y).abs().mean()), pred
@@ -168,22 +163,10 @@ def _iteration(func, batch, kind, precision, checkpoint, steps, device) -> None:
 
 
 def time_configurations(func, batch, precision, steps, device, rounds: int) -> dict[str, list[float]]:
-    """Seconds per iteration of every configuration, rounds interleaved (order rotated each round) so
-    that a load that comes and goes hits them all alike; one warm-up iteration each first."""
-    configs = list(configurations(precision).items())
-    for _, (kind, prec, ck) in configs:
-        _iteration(func, batch, kind, prec, ck, steps, device)
-    times: dict[str, list[float]] = {label: [] for label, _ in configs}
-    for r in range(rounds):
-        for label, (kind, prec, ck) in configs[r % len(configs):] + configs[: r % len(configs)]:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            _iteration(func, batch, kind, prec, ck, steps, device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[label].append(time.perf_counter() - t0)
-    return times
+    """Seconds per iteration of every configuration, rounds interleaved (:func:`_common.round_robin`)."""
+    fns = {label: (lambda kind=kind, prec=prec, ck=ck: _iteration(func, batch, kind, prec, ck, steps, device))
+           for label, (kind, prec, ck) in configurations(precision).items()}
+    return round_robin(fns, rounds, sync=torch.cuda.synchronize if device.type == "cuda" else None)
 
 
 def memory_probe(spec: dict) -> dict[str, dict[str, int]]:
